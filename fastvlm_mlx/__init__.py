@@ -1,0 +1,1 @@
+"""FastVLM on MLX."""

@@ -1,0 +1,244 @@
+"""FastViTHD, the hybrid conv/attention vision encoder of FastVLM, in NHWC.
+
+Every convolution is the reparameterized (inference) form stored in the
+checkpoints: one conv with bias. The module names match the reference so the
+weight mapping is mostly a prefix change (see fastvlm.sanitize_weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class VisionConfig:
+    """Shape of the tower; the defaults are the published FastViTHD (mobileclip_l)."""
+
+    layers: list[int] = field(default_factory=lambda: [2, 12, 24, 4, 2])
+    embed_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
+    mlp_ratios: list[float] = field(default_factory=lambda: [4, 4, 4, 4, 4])
+    downsamples: list[bool] = field(default_factory=lambda: [True] * 5)
+    token_mixers: list[str] = field(
+        default_factory=lambda: ["repmixer"] * 3 + ["attention"] * 2
+    )
+    pos_embs_shapes: list = field(
+        default_factory=lambda: [None, None, None, [7, 7], [7, 7]]
+    )
+    cls_ratio: float = 2.0
+    repmixer_kernel_size: int = 3
+    down_patch_size: int = 7
+    down_stride: int = 2
+    head_dim: int = 32
+    image_size: int = 1024
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "VisionConfig":
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels of the image embedding (3072 for the published tower)."""
+        return int(self.embed_dims[-1] * self.cls_ratio)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per output token along a side: stem 4x, then one 2x per downsample."""
+        downs = sum(
+            1
+            for i in range(len(self.layers) - 1)
+            if self.downsamples[i] or self.embed_dims[i] != self.embed_dims[i + 1]
+        )
+        return 4 * self.down_stride**downs
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
+         bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2,
+                     groups=groups, bias=bias)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-Excite: global mean, 1x1 reduce to C/16, ReLU, 1x1 expand, sigmoid gate."""
+
+    def __init__(self, dims: int, rd_ratio: float = 0.0625):
+        super().__init__()
+        self.reduce = conv(dims, int(dims * rd_ratio), 1)
+        self.expand = conv(int(dims * rd_ratio), dims, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        s = x.mean(axis=(1, 2), keepdims=True)
+        s = mx.sigmoid(self.expand(nn.relu(self.reduce(s))))
+        return x * s
+
+
+class MobileOneBlock(nn.Module):
+    """A reparameterized MobileOne block: conv, optional Squeeze-Excite, GELU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1,
+                 groups: int = 1, use_se: bool = False):
+        super().__init__()
+        self.reparam_conv = conv(in_ch, out_ch, kernel, stride, groups)
+        if use_se:
+            self.se = SEBlock(out_ch)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.reparam_conv(x)
+        if "se" in self:
+            x = self.se(x)
+        return nn.gelu(x)
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """Depthwise-grouped large-kernel conv (the downsampler's first half) + GELU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int):
+        super().__init__()
+        self.lkb_reparam = conv(in_ch, out_ch, kernel, stride, groups=in_ch)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.gelu(self.lkb_reparam(x))
+
+
+class PatchEmbed(nn.Module):
+    """Downsampler between stages: large-kernel stride-2 conv, then 1x1 MobileOne."""
+
+    def __init__(self, patch_size: int, stride: int, in_ch: int, out_ch: int):
+        super().__init__()
+        self.proj = [
+            ReparamLargeKernelConv(in_ch, out_ch, patch_size, stride),
+            MobileOneBlock(out_ch, out_ch, 1),
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+class RepCPE(nn.Module):
+    """Conditional positional encoding; the skip is folded into the depthwise conv."""
+
+    def __init__(self, dims: int, spatial_shape: list[int]):
+        super().__init__()
+        self.reparam_conv = conv(dims, dims, spatial_shape[0], groups=dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.reparam_conv(x)
+
+
+class RepMixer(nn.Module):
+    """Token mixer of the conv stages: a depthwise conv with the skip folded in."""
+
+    def __init__(self, dims: int, kernel: int):
+        super().__init__()
+        self.reparam_conv = conv(dims, dims, kernel, groups=dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.reparam_conv(x)
+
+
+class ConvFFN(nn.Module):
+    """Depthwise 7x7 conv (its BatchNorm folded in at load), then 1x1 -> GELU -> 1x1."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.conv = conv(dims, dims, 7, groups=dims)
+        self.fc1 = conv(dims, hidden, 1)
+        self.fc2 = conv(hidden, dims, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu(self.fc1(self.conv(x))))
+
+
+class RepMixerBlock(nn.Module):
+    def __init__(self, dims: int, kernel: int, mlp_ratio: float):
+        super().__init__()
+        self.token_mixer = RepMixer(dims, kernel)
+        self.convffn = ConvFFN(dims, int(dims * mlp_ratio))
+        self.layer_scale = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class MHSA(nn.Module):
+    """Multi-head self-attention over all pixels of the feature map."""
+
+    def __init__(self, dims: int, head_dim: int):
+        super().__init__()
+        self.num_heads = dims // head_dim
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dims, dims * 3, bias=False)
+        self.proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x.reshape(B, H * W, C))
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        out = out.transpose(0, 2, 1, 3).reshape(B, H * W, C)
+        return self.proj(out).reshape(B, H, W, C)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dims: int, mlp_ratio: float, head_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dims, eps=1e-5)  # LayerNormChannel: per pixel over C
+        self.token_mixer = MHSA(dims, head_dim)
+        self.convffn = ConvFFN(dims, int(dims * mlp_ratio))
+        self.layer_scale_1 = mx.ones((dims,))
+        self.layer_scale_2 = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.layer_scale_1 * self.token_mixer(self.norm(x))
+        return x + self.layer_scale_2 * self.convffn(x)
+
+
+class FastViTHD(nn.Module):
+    """stem -> [RepCPE?] stage, downsampler, ... -> conv_exp with Squeeze-Excite.
+
+    Returns the image embedding [B, H/64, W/64, hidden_size]; the classifier
+    head of the reference is not built.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        c = config
+        dims = c.embed_dims
+        self.patch_embed = [
+            MobileOneBlock(3, dims[0], 3, stride=2),
+            MobileOneBlock(dims[0], dims[0], 3, stride=2, groups=dims[0]),
+            MobileOneBlock(dims[0], dims[0], 1),
+        ]
+        self.network = []
+        for i, depth in enumerate(c.layers):
+            if c.pos_embs_shapes[i] is not None:
+                self.network.append(RepCPE(dims[i], c.pos_embs_shapes[i]))
+            if c.token_mixers[i] == "repmixer":
+                stage = [RepMixerBlock(dims[i], c.repmixer_kernel_size, c.mlp_ratios[i])
+                         for _ in range(depth)]
+            else:
+                stage = [AttentionBlock(dims[i], c.mlp_ratios[i], c.head_dim)
+                         for _ in range(depth)]
+            self.network.append(stage)
+            last = i == len(c.layers) - 1
+            if not last and (c.downsamples[i] or dims[i] != dims[i + 1]):
+                self.network.append(
+                    PatchEmbed(c.down_patch_size, c.down_stride, dims[i], dims[i + 1])
+                )
+        self.conv_exp = MobileOneBlock(dims[-1], c.hidden_size, 3, groups=dims[-1],
+                                       use_se=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.patch_embed:
+            x = layer(x)
+        for stage in self.network:
+            for block in stage if isinstance(stage, list) else [stage]:
+                x = block(x)
+        return self.conv_exp(x)

@@ -1,0 +1,154 @@
+"""FastVLM: FastViTHD -> 2-layer MLP projector -> Qwen2 decoder (mlx-lm's)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen2
+
+from .errors import FastVLMError
+from .fastvithd import FastViTHD, VisionConfig
+
+IMAGE_TOKEN_INDEX = -200  # the reference's marker for the image slot in input ids
+MODEL_TYPES = ("llava_qwen2", "fastvlm")
+HF_TOWER_PREFIX = "model.vision_tower.vision_tower.model."
+
+
+@dataclass
+class ModelArgs:
+    text_config: qwen2.ModelArgs
+    vision_config: VisionConfig
+    mm_hidden_size: int
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise FastVLMError(
+                f"not a FastVLM checkpoint: model_type is {model_type!r}, "
+                f"expected one of {', '.join(MODEL_TYPES)}"
+            )
+        projector = config.get("mm_projector_type", "mlp2x_gelu")
+        if projector != "mlp2x_gelu":
+            raise FastVLMError(f"unsupported mm_projector_type {projector!r} (FastVLM uses mlp2x_gelu)")
+        if "vision_config" in config:
+            vision = VisionConfig.from_dict(config["vision_config"])
+        else:
+            tower = config.get("mm_vision_tower", "mobileclip_l_1024")
+            match = re.fullmatch(r"mobileclip_l_(\d+)", str(tower))
+            if not match:
+                raise FastVLMError(f"unsupported vision tower {tower!r} (FastVLM uses mobileclip_l_<size>)")
+            vision = VisionConfig(image_size=int(match.group(1)))
+        text = qwen2.ModelArgs.from_dict({**config, "model_type": "qwen2"})
+        mm_hidden = config.get("mm_hidden_size", vision.hidden_size)
+        if mm_hidden != vision.hidden_size:
+            raise FastVLMError(
+                f"config mismatch: mm_hidden_size is {mm_hidden} but the vision tower "
+                f"emits {vision.hidden_size} channels"
+            )
+        return cls(text_config=text, vision_config=vision, mm_hidden_size=mm_hidden)
+
+
+class Projector(nn.Module):
+    """mlp2x_gelu: Linear(mm_hidden -> d), exact GELU, Linear(d -> d)."""
+
+    def __init__(self, in_dims: int, dims: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dims, dims)
+        self.linear_2 = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.gelu(self.linear_1(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision_tower = FastViTHD(args.vision_config)
+        self.mm_projector = Projector(args.mm_hidden_size, args.text_config.hidden_size)
+        self.language_model = qwen2.Model(args.text_config)
+
+    def encode_image(self, pixels: mx.array) -> mx.array:
+        """[1, H, W, 3] in [0, 1] -> projected image features [1, N, d]."""
+        return self.mm_projector(self.image_embeddings(pixels))
+
+    def image_embeddings(self, pixels: mx.array) -> mx.array:
+        """[1, H, W, 3] -> the tower's output flattened to tokens [1, N, mm_hidden]."""
+        side = self.args.vision_config.stride
+        if pixels.shape[1] % side or pixels.shape[2] % side:
+            raise FastVLMError(
+                f"resolution {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of {side}"
+            )
+        x = self.vision_tower(pixels)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def embed(self, input_ids: list[int], image_features: mx.array | None) -> mx.array:
+        """Embed the prompt and splice the image features into its image slot."""
+        embed_tokens = self.language_model.model.embed_tokens
+        slots = [i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX]
+        if not slots:
+            return embed_tokens(mx.array(input_ids)[None])
+        if len(slots) > 1 or image_features is None:
+            raise ValueError("a prompt takes exactly one image slot and its image")
+        s = slots[0]
+        parts = [
+            embed_tokens(mx.array(input_ids[:s], dtype=mx.int32)[None]),
+            image_features.astype(embed_tokens.weight.dtype),
+            embed_tokens(mx.array(input_ids[s + 1 :], dtype=mx.int32)[None]),
+        ]
+        return mx.concatenate(parts, axis=1)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map a published (HF/LLaVA, PyTorch layout) state dict to this model.
+
+        Weights already in MLX layout (no "model." keys) pass through. This is
+        the one mapping the converter uses too.
+        """
+        if any(k.startswith("model.") for k in weights):
+            return sanitize_hf_weights(weights)
+        return weights
+
+
+def sanitize_hf_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """HF/LLaVA keys and PyTorch layouts -> our keys, NHWC conv weights, folded BN."""
+    out: dict[str, mx.array] = {}
+    bn: dict[str, dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        if key.startswith(HF_TOWER_PREFIX):
+            name = key[len(HF_TOWER_PREFIX):]
+            if name.startswith("head."):
+                continue  # the classifier head is not used by FastVLM
+            if ".convffn.conv." in name:
+                prefix, leaf = name.split(".convffn.conv.", 1)
+                bn.setdefault(prefix, {})[leaf] = value
+                continue
+            if value.ndim == 4:
+                value = value.transpose(0, 2, 3, 1)  # [O, I/g, kH, kW] -> [O, kH, kW, I/g]
+            elif ".layer_scale" in name:
+                value = value.reshape(-1)
+            out["vision_tower." + name] = value
+        elif key.startswith("model.mm_projector."):
+            index, leaf = key[len("model.mm_projector."):].split(".", 1)
+            out[f"mm_projector.linear_{int(index) // 2 + 1}.{leaf}"] = value
+        elif key.startswith("model."):
+            if "rotary_emb.inv_freq" not in key:
+                out["language_model." + key] = value
+        elif key == "lm_head.weight":
+            out["language_model.lm_head.weight"] = value
+        else:
+            raise FastVLMError(f"unexpected weight {key!r}: not a FastVLM checkpoint")
+    for prefix, p in bn.items():
+        try:
+            w, gamma, beta = p["conv.weight"], p["bn.weight"], p["bn.bias"]
+            mean, var = p["bn.running_mean"], p["bn.running_var"]
+        except KeyError as e:
+            raise FastVLMError(f"checkpoint lacks {prefix}.convffn.conv.{e.args[0]}") from None
+        scale = gamma.astype(mx.float32) * mx.rsqrt(var.astype(mx.float32) + 1e-5)
+        w = w.astype(mx.float32) * scale.reshape(-1, 1, 1, 1)
+        out[f"vision_tower.{prefix}.convffn.conv.weight"] = w.transpose(0, 2, 3, 1)
+        out[f"vision_tower.{prefix}.convffn.conv.bias"] = beta.astype(mx.float32) - mean.astype(mx.float32) * scale
+    return out

@@ -1,0 +1,114 @@
+"""Loading a FastVLM model directory: config, weights (either layout), tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .errors import FastVLMError
+from .fastvlm import Model, ModelArgs
+
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU backend, where half-precision matmuls bypass BLAS."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory as is; a hub id needs the converter, which is not here yet."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FastVLMError(f"--model must be a directory, got the file {path}")
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        raise FastVLMError(
+            f"cannot fetch {model!r}: downloading hub checkpoints is not supported yet; "
+            "pass --model PATH to a local FastVLM checkpoint directory"
+        )
+    raise FastVLMError(f"model directory not found: {path}")
+
+
+def load_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FastVLMError(f"{path} has no config.json: not a model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FastVLMError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def load_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FastVLMError(
+            f"{path} has no *.safetensors weights (PyTorch .bin checkpoints need "
+            "`fastvlm-mlx convert` first)"
+        )
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises bare RuntimeError/ValueError on corrupt files
+            raise FastVLMError(f"cannot read weights {f}: {e} (truncated or corrupt?)") from None
+    return weights
+
+
+def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
+    """Build the model from config.json and load its weights in either layout."""
+    config = load_config(path)
+    weights = load_weights(path)
+    # Published configs sometimes get tie_word_embeddings wrong: trust the weights.
+    config["tie_word_embeddings"] = not any(k.endswith("lm_head.weight") for k in weights)
+    model = Model(ModelArgs.from_dict(config))
+    weights = model.sanitize(weights)
+    dtype = dtype or default_dtype()
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in weights.items()}
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise FastVLMError(
+            f"weights in {path} do not fit the config: {what} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise FastVLMError(
+                f"weight {k} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+            )
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path):
+    """mlx-lm's tokenizer wrapper (it carries the streaming detokenizer)."""
+    missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
+    if missing:
+        raise FastVLMError(f"{path} has no tokenizer ({', '.join(missing)} missing)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+
+    return load_mlx_lm_tokenizer(path)
+
+
+def load(model: str | Path = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> tuple[Model, object]:
+    """Load a FastVLM model and its tokenizer from a directory (MLX or published layout)."""
+    path = resolve_model_path(str(model))
+    tokenizer = load_tokenizer(path)
+    return load_model(path, dtype), tokenizer
+
