@@ -37,10 +37,22 @@ def resolve_model_path(model: str) -> Path:
     raise FastVLMError(f"model directory not found: {path}")
 
 
+def check_model_dir(path: Path) -> None:
+    """Name the first missing piece of a model directory before loading anything."""
+    if not (path / "config.json").is_file():
+        raise FastVLMError(f"{path} has no config.json: not a model directory")
+    if not any(path.glob("*.safetensors")):
+        raise FastVLMError(
+            f"{path} has no *.safetensors weights (PyTorch .bin checkpoints need "
+            "`fastvlm-mlx convert` first)"
+        )
+    missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
+    if missing:
+        raise FastVLMError(f"{path} has no tokenizer ({', '.join(missing)} missing)")
+
+
 def load_config(path: Path) -> dict:
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FastVLMError(f"{path} has no config.json: not a model directory")
     try:
         return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -49,11 +61,6 @@ def load_config(path: Path) -> dict:
 
 def load_weights(path: Path) -> dict[str, mx.array]:
     files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FastVLMError(
-            f"{path} has no *.safetensors weights (PyTorch .bin checkpoints need "
-            "`fastvlm-mlx convert` first)"
-        )
     weights: dict[str, mx.array] = {}
     for f in files:
         try:
@@ -96,19 +103,20 @@ def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
 
 def load_tokenizer(path: Path):
     """mlx-lm's tokenizer wrapper (it carries the streaming detokenizer)."""
-    missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
-    if missing:
-        raise FastVLMError(f"{path} has no tokenizer ({', '.join(missing)} missing)")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
-    return load_mlx_lm_tokenizer(path)
+    try:
+        return load_mlx_lm_tokenizer(path)
+    except Exception as e:  # transformers raises many types on a broken tokenizer
+        raise FastVLMError(f"cannot load the tokenizer in {path}: {e}") from None
 
 
 def load(model: str | Path = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> tuple[Model, object]:
     """Load a FastVLM model and its tokenizer from a directory (MLX or published layout)."""
     path = resolve_model_path(str(model))
+    check_model_dir(path)
     tokenizer = load_tokenizer(path)
     return load_model(path, dtype), tokenizer
 

@@ -1,0 +1,114 @@
+"""The `fastvlm-mlx` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import typer
+
+from .errors import FastVLMError
+from .generate import Chat
+from .processor import DEFAULT_SYSTEM, load_image
+from .utils import DEFAULT_MODEL, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Apple's FastVLM vision-language models, natively on MLX.")
+
+HELP_LINE = "/image PATH changes the picture, /reset clears the history, Ctrl-C stops an answer, Ctrl-D exits."
+
+
+@app.callback()
+def _group() -> None:
+    """Apple's FastVLM vision-language models, natively on MLX."""
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if sys.stderr.isatty() else text
+
+
+def _answer(chat: Chat, question: str, max_tokens: int, temperature: float, top_p: float) -> None:
+    """Stream one answer to stdout, then the timing footer to stderr."""
+    stream = chat.ask(question, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    stats = None
+    with contextlib.closing(stream):
+        for response in stream:
+            print(response.text, end="", flush=True)
+            stats = response.stats
+    print(flush=True)
+    if stats is not None:
+        print(_dim(stats.footer()), file=sys.stderr, flush=True)
+
+
+def _interactive(chat: Chat, max_tokens: int, temperature: float, top_p: float) -> None:
+    tty = sys.stdin.isatty()
+    print(_dim(HELP_LINE), file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if tty else "").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line:
+            continue
+        try:
+            if line == "/reset":
+                chat.reset()
+                print(_dim("(history cleared)"), file=sys.stderr)
+            elif line.split()[0] == "/image":
+                chat.set_image(line[len("/image"):].strip())
+                print(_dim(f"(new image, {chat.visual_tokens} visual tokens; history cleared)"),
+                      file=sys.stderr)
+            elif line.startswith("/"):
+                _err(f"unknown command {line.split()[0]}; {HELP_LINE}")
+            else:
+                _answer(chat, line, max_tokens, temperature, top_p)
+        except KeyboardInterrupt:
+            print(_dim("\n(answer stopped)"), file=sys.stderr)
+        except FastVLMError as e:
+            _err(str(e))
+
+
+@app.command()
+def chat(
+    image: Path = typer.Argument(..., help="The picture to ask about."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this once and exit; without it, chat interactively."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory (MLX or published HF layout)."),
+    max_tokens: int = typer.Option(256, min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling; 1 disables it."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a multiple of 64 (default: the model's)."),
+    system: str = typer.Option(DEFAULT_SYSTEM, help="The system prompt."),
+) -> None:
+    """Ask about a picture: one-shot with --prompt, otherwise an interactive chat."""
+    try:
+        picture = load_image(image)  # fail on a bad image before loading a model
+        vlm, tokenizer = load(model)
+        if seed is not None:
+            mx.random.seed(seed)
+        session = Chat(vlm, tokenizer, picture, system=system, resolution=resolution)
+        if prompt is None:
+            _interactive(session, max_tokens, temperature, top_p)
+        else:
+            _answer(session, prompt, max_tokens, temperature, top_p)
+    except FastVLMError as e:
+        _err(str(e))
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise typer.Exit(130)
+
+
+def main() -> None:
+    app()

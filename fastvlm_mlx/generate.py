@@ -1,0 +1,216 @@
+"""Generation: a multi-turn chat about one image on mlx-lm's KV cache and sampler."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from PIL import Image
+
+from .errors import FastVLMError
+from .fastvlm import IMAGE_TOKEN_INDEX, Model
+from .processor import DEFAULT_SYSTEM, first_turn, load_image, next_turn, preprocess, tokenize
+
+
+@dataclass
+class Stats:
+    """Where the time of one answer went; TTFT = vision + prefill."""
+
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    visual_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled for this turn (image features included)
+    generation_tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.vision_s + self.prefill_s
+
+    @property
+    def decode_tps(self) -> float:
+        steps = self.generation_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    def footer(self) -> str:
+        return (
+            f"vision {self.vision_s * 1e3:.0f} ms | prefill {self.prefill_s * 1e3:.0f} ms "
+            f"({self.prompt_tokens} tok) | TTFT {self.ttft_s * 1e3:.0f} ms | "
+            f"decode {self.decode_tps:.1f} tok/s | {self.visual_tokens} visual tokens"
+        )
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the previous response (may be empty)
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None = None  # "stop", "length", or None while generating
+    stats: Stats = field(default_factory=Stats)
+
+
+class Chat:
+    """A conversation about one image.
+
+    The image is encoded once; every turn reuses the KV cache of the
+    conversation so far and prefills only the tokens the cache does not hold.
+    """
+
+    def __init__(self, model: Model, tokenizer, image: str | Path | Image.Image | None = None,
+                 system: str = DEFAULT_SYSTEM, resolution: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.resolution = resolution or model.args.vision_config.image_size
+        side = model.args.vision_config.stride
+        if self.resolution <= 0 or self.resolution % side:
+            raise FastVLMError(f"--resolution must be a positive multiple of {side}, got {self.resolution}")
+        self.context = model.args.text_config.max_position_embeddings
+        self.stop_ids = set(tokenizer.eos_token_ids) | {
+            tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+        }
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.features: mx.array | None = None
+        self.vision_s = 0.0
+        self._vision_pending = False
+        self.reset()
+        if image is not None:
+            self.set_image(image)
+
+    def set_image(self, image: str | Path | Image.Image) -> None:
+        """Encode a new picture (once) and start a fresh conversation about it."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        pixels = preprocess(image, self.resolution)
+        start = time.perf_counter()
+        self.features = self.model.encode_image(pixels)
+        mx.eval(self.features)  # computed once, reused by every turn
+        self.vision_s = time.perf_counter() - start
+        self.reset()
+        self._vision_pending = True  # the next answer's TTFT includes the encoding
+
+    def reset(self) -> None:
+        """Forget the conversation; the image stays."""
+        self.tokens: list[int] = []  # the conversation's ids, the image slot as one marker
+        self.cached: list[int] = []  # the ids whose keys and values the cache holds
+        self.cache = make_prompt_cache(self.model.language_model)
+
+    @property
+    def visual_tokens(self) -> int:
+        return 0 if self.features is None else self.features.shape[1]
+
+    def expanded_length(self, ids: list[int]) -> int:
+        """Sequence length once the image slot is expanded to its features."""
+        return len(ids) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The whole conversation with the new question, ready for the answer."""
+        if self.tokens:
+            return self.tokens + tokenize(self.tokenizer, next_turn(question))
+        return tokenize(self.tokenizer, first_turn(self.system, question, self.features is not None))
+
+    def ask(self, question: str, max_tokens: int = 256, temperature: float = 0.0,
+            top_p: float = 1.0) -> Iterator[GenerationResponse]:
+        """Stream the answer to one more question; the history is kept even if interrupted."""
+        full = self.prompt_ids(question)
+        length = self.expanded_length(full)
+        if length >= self.context:
+            raise FastVLMError(
+                f"the prompt is {length} tokens but the model's context is {self.context}; "
+                "ask a shorter question or /reset the conversation"
+            )
+        max_tokens = min(max_tokens, self.context - length)
+        keep = self._reuse_cache(full)
+        new = full[keep:]
+        stats = Stats(visual_tokens=self.visual_tokens, prompt_tokens=self.expanded_length(new))
+        if self._vision_pending:
+            stats.vision_s = self.vision_s
+            self._vision_pending = False
+        sampled: list[int] = []
+        try:
+            start = time.perf_counter()
+            embeddings = self.model.embed(new, self.features)
+            steps = generate_step(
+                mx.array([], dtype=mx.int32),  # the embeddings carry the whole prompt
+                self.model.language_model,
+                max_tokens=max_tokens,
+                sampler=make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
+                prompt_cache=self.cache,
+                input_embeddings=embeddings[0],
+            )
+            detokenizer = self.tokenizer.detokenizer
+            finish = "length"
+            for token, logprobs in steps:
+                now = time.perf_counter()
+                if not sampled:
+                    stats.prefill_s = now - start
+                    first = now
+                sampled.append(token)
+                stats.generation_tokens = len(sampled)
+                stats.decode_s = now - first
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                detokenizer.add_token(token)
+                if len(sampled) == max_tokens:
+                    break
+                yield GenerationResponse(detokenizer.last_segment, token, logprobs, None, stats)
+            detokenizer.finalize()
+            yield GenerationResponse(detokenizer.last_segment, token, logprobs, finish, stats)
+        finally:
+            self._record_turn(full, sampled)
+
+    def _reuse_cache(self, full: list[int]) -> int:
+        """Trim the cache to the longest prefix of `full` it holds; return that length."""
+        keep = 0
+        for a, b in zip(self.cached, full):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(full) - 1)  # at least one token must be prefilled
+        target = self.expanded_length(full[:keep])
+        for c in self.cache:
+            c.trim(c.offset - target)
+        self.cached = full[:keep]
+        return keep
+
+    def _record_turn(self, full: list[int], sampled: list[int]) -> None:
+        """Close the answer with <|im_end|> and note which ids the cache really holds."""
+        answer = sampled[:-1] if sampled and sampled[-1] in self.stop_ids else sampled
+        self.tokens = full + answer + [self.im_end]
+        fed = full + sampled
+        # generate_step feeds each token before yielding it, except at max_tokens, and
+        # an interrupt can land between layers: trust the smallest offset.
+        offset = min(c.offset for c in self.cache)
+        self.cached = fed[: self._ids_within(fed, offset)]
+
+    def _ids_within(self, ids: list[int], offset: int) -> int:
+        """How many leading ids are wholly inside the first `offset` positions."""
+        if IMAGE_TOKEN_INDEX not in ids:
+            return min(offset, len(ids))
+        slot = ids.index(IMAGE_TOKEN_INDEX)
+        if offset <= slot:
+            return offset
+        if offset < slot + self.visual_tokens:
+            return slot
+        return min(offset - self.visual_tokens + 1, len(ids))
+
+def stream_generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,
+                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                    system: str = DEFAULT_SYSTEM,
+                    resolution: int | None = None) -> Iterator[GenerationResponse]:
+    """Answer one question about one image, streamed."""
+    chat = Chat(model, tokenizer, image, system=system, resolution=resolution)
+    yield from chat.ask(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+
+
+def generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,
+             **kwargs) -> str:
+    """Answer one question about one image; the whole text at once."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, image, prompt, **kwargs))

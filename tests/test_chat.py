@@ -1,0 +1,85 @@
+"""Multi-turn chat on one KV cache, and streaming."""
+
+import pytest
+
+from conftest import IMAGE, QUESTION, rel_err
+from fastvlm_mlx import Chat, FastVLMError, generate
+from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, next_turn, tokenize
+
+
+def from_scratch_logprobs(chat: Chat, ids: list[int]):
+    """The next-token log-probabilities of `ids` prefilled in one pass, no cache."""
+    model = chat.model
+    logits = model.language_model(None, input_embeddings=model.embed(ids, chat.features))[0, -1]
+    return logits - logits.logsumexp()
+
+
+def answer(chat: Chat, question: str, max_tokens: int = 5):
+    return list(chat.ask(question, max_tokens=max_tokens))
+
+
+def test_second_turn_reuses_cache_and_matches_full_prefill(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    first = answer(chat, QUESTION)
+    history = list(chat.tokens)
+    assert history[-1] == chat.im_end  # the answer was closed for the template
+    second = answer(chat, "What colour is it?")
+    own = tokenize(tokenizer, next_turn("What colour is it?"))
+    # Only the closing <|im_end|> of the first answer and the new turn were prefilled.
+    assert second[-1].stats.prompt_tokens == len(own) + 1
+    opening = tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, QUESTION))
+    assert first[-1].stats.prompt_tokens == len(opening) - 1 + chat.visual_tokens
+    full = history + own
+    assert rel_err(second[0].logprobs, from_scratch_logprobs(chat, full)) <= 1e-4
+    assert second[-1].stats.vision_s == 0.0  # the image was encoded once
+
+
+def test_interrupted_answer_keeps_the_session_consistent(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    stream = chat.ask(QUESTION, max_tokens=50)
+    next(stream)
+    next(stream)
+    stream.close()  # what Ctrl-C does in the CLI
+    history = list(chat.tokens)
+    own = tokenize(tokenizer, next_turn("And now?"))
+    reply = answer(chat, "And now?")
+    assert rel_err(reply[0].logprobs, from_scratch_logprobs(chat, history + own)) <= 1e-4
+
+
+def test_reset_starts_over_with_the_same_image(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    first = answer(chat, QUESTION)
+    answer(chat, "More?")
+    chat.reset()
+    again = answer(chat, QUESTION)
+    assert [r.token for r in again] == [r.token for r in first]
+    assert again[-1].stats.prompt_tokens == first[-1].stats.prompt_tokens
+
+
+def test_streamed_text_is_the_decoded_answer(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    chat.stop_ids = set()
+    responses = answer(chat, QUESTION, max_tokens=24)
+    tokens = [r.token for r in responses]
+    assert "".join(r.text for r in responses) == tokenizer.decode(tokens)
+    assert responses[-1].finish_reason == "length"
+    assert responses[-1].stats.generation_tokens == 24
+
+
+def test_generate_api_one_shot(tiny, reference):
+    model, tokenizer = tiny
+    text = generate(model, tokenizer, IMAGE, QUESTION, max_tokens=8)
+    expected = tokenizer.decode(reference["generated_ids"].tolist())
+    assert text == expected
+
+
+def test_prompt_longer_than_context_is_refused(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    with pytest.raises(FastVLMError, match="context is 4096"):
+        answer(chat, "word " * 5000)
+    assert chat.tokens == []  # nothing was recorded
