@@ -110,5 +110,31 @@ def chat(
         raise typer.Exit(130)
 
 
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="A checkpoint directory or a hub id such as apple/FastVLM-0.5B."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./<name>-mlx)."),
+    dtype: Optional[str] = typer.Option(None, help="float16, bfloat16 or float32 (default: the checkpoint's own, lossless)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the decoder to 4 or 8 bits."),
+    group_size: int = typer.Option(64, help="Quantization group size."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the result and check one forward pass."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+) -> None:
+    """Convert a published FastVLM checkpoint (safetensors or PyTorch .bin) to MLX."""
+    from fastvlm_mlx.convert import convert as run_convert
+
+    try:
+        path = run_convert(source, out, dtype=dtype, quantize=quantize, group_size=group_size,
+                           force=force, verify_output=verify, revision=revision)
+    except FastVLMError as e:
+        _err(str(e))
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise typer.Exit(130)
+    print(f"Converted {source} -> {path}")
+
+
 def main() -> None:
     app()

@@ -95,11 +95,9 @@ class Model(nn.Module):
         if len(slots) > 1 or image_features is None:
             raise ValueError("a prompt takes exactly one image slot and its image")
         s = slots[0]
-        parts = [
-            embed_tokens(mx.array(input_ids[:s], dtype=mx.int32)[None]),
-            image_features.astype(embed_tokens.weight.dtype),
-            embed_tokens(mx.array(input_ids[s + 1 :], dtype=mx.int32)[None]),
-        ]
+        before = embed_tokens(mx.array(input_ids[:s], dtype=mx.int32)[None])
+        after = embed_tokens(mx.array(input_ids[s + 1 :], dtype=mx.int32)[None])
+        parts = [before, image_features.astype(before.dtype), after]
         return mx.concatenate(parts, axis=1)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

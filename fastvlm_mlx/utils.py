@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import FastVLMError
@@ -23,17 +24,16 @@ def default_dtype() -> mx.Dtype:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local directory as is; a hub id needs the converter, which is not here yet."""
+    """A local directory as is; a hub id is converted once into the cache, then reused."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise FastVLMError(f"--model must be a directory, got the file {path}")
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        raise FastVLMError(
-            f"cannot fetch {model!r}: downloading hub checkpoints is not supported yet; "
-            "pass --model PATH to a local FastVLM checkpoint directory"
-        )
+        from fastvlm_mlx.convert.convert import cached_conversion
+
+        return cached_conversion(model)
     raise FastVLMError(f"model directory not found: {path}")
 
 
@@ -72,28 +72,42 @@ def load_weights(path: Path) -> dict[str, mx.array]:
 
 def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
     """Build the model from config.json and load its weights in either layout."""
-    config = load_config(path)
-    weights = load_weights(path)
+    return build_model(load_config(path), load_weights(path), dtype or default_dtype(), path)
+
+
+def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None,
+                where: str | Path) -> Model:
+    """Map, cast (unless dtype is None) and check `weights`, then load them into a model.
+
+    Shared by the loader and the converter, so both accept and refuse the same things.
+    """
     # Published configs sometimes get tie_word_embeddings wrong: trust the weights.
-    config["tie_word_embeddings"] = not any(k.endswith("lm_head.weight") for k in weights)
+    config = {**config, "tie_word_embeddings": not any(k.endswith("lm_head.weight") for k in weights)}
     model = Model(ModelArgs.from_dict(config))
-    weights = model.sanitize(weights)
-    dtype = dtype or default_dtype()
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in weights.items()}
+    try:
+        weights = model.sanitize(weights)
+    except ValueError as e:  # e.g. a BatchNorm whose shape does not fit its conv
+        raise FastVLMError(f"weights in {where} do not fit the config: {e}") from None
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    if quantization := config.get("quantization"):
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise FastVLMError(
-            f"weights in {path} do not fit the config: {what} "
+            f"weights in {where} do not fit the config: {what} "
             f"({len(missing)} missing, {len(unexpected)} unexpected)"
         )
     for k, v in weights.items():
         if v.shape != expected[k].shape:
             raise FastVLMError(
-                f"weight {k} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+                f"weight {k} in {where} has shape {tuple(v.shape)} but the config needs "
+                f"{tuple(expected[k].shape)}"
             )
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())

@@ -1,5 +1,6 @@
 """The `fastvlm-mlx chat` command: answers, an interactive session, and bad input."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,10 @@ from conftest import CHECKPOINT, IMAGE, QUESTION
 REFERENCE_TEXT = "\t\tlplplplplplp"  # reference.json's generated_text (8 greedy tokens)
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastvlm_mlx", *args],
-        input=stdin, capture_output=True, text=True, timeout=300,
+        input=stdin, capture_output=True, text=True, timeout=300, env=env,
     )
 
 
@@ -74,7 +75,11 @@ def test_bad_input_is_one_line_and_exit_2(broken, image, model, extra, message):
     assert r.stdout == ""
 
 
-def test_default_model_says_to_pass_a_path():
-    r = run("chat", str(IMAGE), "--prompt", QUESTION)
+def test_default_model_comes_from_the_hub(tmp_path):
+    """Without --model, apple/FastVLM-0.5B is fetched; offline that fails clearly."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = run("chat", str(IMAGE), "--prompt", QUESTION, env=env)
     assert r.returncode == 2
-    assert "--model PATH" in r.stderr and "Traceback" not in r.stderr
+    assert "apple/FastVLM-0.5B" in r.stderr and "--model PATH" in r.stderr
+    assert "Traceback" not in r.stderr

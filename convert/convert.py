@@ -1,0 +1,205 @@
+"""Published FastVLM checkpoints (HF/LLaVA layout) -> MLX model directories.
+
+Reads safetensors or torch pickles (without torch, without running pickled
+code), maps the weights with the runtime's own `Model.sanitize`, optionally
+quantizes the decoder, and writes into a temporary directory that is renamed
+to --out only once it is complete and loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import save_model
+
+from fastvlm_mlx.errors import FastVLMError
+from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
+from fastvlm_mlx.utils import TOKENIZER_FILES, build_model, load, load_config
+
+from .torch_pickle import load_torch_checkpoint
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOKENIZER_EXTRAS = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                    "generation_config.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
+
+
+def fetch(repo_id: str, revision: str | None = None) -> Path:
+    """Download only config, weights and tokenizer files of a hub repo (progress on stderr)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FastVLMError(
+            f"cannot fetch {repo_id} from the Hugging Face hub ({reason}); "
+            "check the network or pass --model PATH to a local checkpoint"
+        ) from None
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint directory: safetensors first, else torch pickles."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if files:
+        weights: dict[str, mx.array] = {}
+        for f in files:
+            if not f.is_file():
+                raise FastVLMError(f"{index} names {f.name}, which is missing")
+            try:
+                weights.update(mx.load(str(f)))
+            except Exception as e:  # mlx raises bare RuntimeError/ValueError on corrupt files
+                raise FastVLMError(f"cannot read weights {f}: {e} (truncated or corrupt?)") from None
+        return weights
+    if (path / "pytorch_model.bin.index.json").is_file():
+        return load_torch_checkpoint(path / "pytorch_model.bin.index.json")
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    if not pickles:
+        raise FastVLMError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin or *.pt)")
+    weights = {}
+    for f in pickles:
+        weights.update(load_torch_checkpoint(f))
+    return weights
+
+
+def check_source(path: Path) -> None:
+    if not path.is_dir():
+        raise FastVLMError(f"checkpoint not found: {path}")
+    if any(path.rglob("*.mlpackage")):
+        raise FastVLMError(
+            f"{path} is an MLX export with a CoreML vision tower (fastvithd.mlpackage): its "
+            "vision weights are CoreML, not tensors; convert the PyTorch/HF checkpoint "
+            "(e.g. apple/FastVLM-0.5B) instead"
+        )
+    if not (path / "config.json").is_file():
+        raise FastVLMError(f"{path} has no config.json: not a model checkpoint")
+    has_tokenizer = (path / "tokenizer_config.json").is_file() and (
+        (path / "tokenizer.json").is_file()
+        or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    )
+    if not has_tokenizer:
+        raise FastVLMError(
+            f"{path} has no tokenizer (needs tokenizer_config.json and tokenizer.json "
+            "or vocab.json + merges.txt)"
+        )
+
+
+def output_config(config: dict, model: nn.Module, bits: int | None, group_size: int) -> dict:
+    """The source config made explicit: decoder args, vision shape, slot, quantization."""
+    args = model.args
+    out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    out.update(
+        tie_word_embeddings=args.text_config.tie_word_embeddings,
+        vision_config=asdict(args.vision_config),
+        image_size=args.vision_config.image_size,
+        image_token_index=IMAGE_TOKEN_INDEX,
+        mm_hidden_size=args.mm_hidden_size,
+    )
+    if bits:
+        out["quantization"] = {"group_size": group_size, "bits": bits}
+    return out
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """The reference's preprocessing, for readers of the directory (the runtime hard-codes it)."""
+    return {
+        "image_aspect_ratio": "pad",
+        "pad_color": [0, 0, 0],
+        "resample": "bicubic",
+        "size": {"height": image_size, "width": image_size},
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "layout": "NHWC",
+    }
+
+
+def verify(path: Path) -> None:
+    """Load the result and check one tiny forward pass gives finite numbers."""
+    model, _ = load(path)
+    side = model.args.vision_config.stride
+    features = model.encode_image(mx.full((1, side, side, 3), 0.5))
+    logits = model.language_model(None, input_embeddings=model.embed([1, IMAGE_TOKEN_INDEX, 2], features))
+    if not (mx.isfinite(features).all() and mx.isfinite(logits).all()).item():
+        raise FastVLMError(f"the converted model in {path} computes non-finite values; not written")
+
+
+def default_out(source: str, bits: int | None) -> Path:
+    return Path(Path(source).name + "-mlx" + (f"-{bits}bit" if bits else ""))
+
+
+def convert(source: str | Path, out: str | Path | None = None, dtype: str | None = None,
+            quantize: int | None = None, group_size: int = 64, force: bool = False,
+            verify_output: bool = True, revision: str | None = None) -> Path:
+    """Convert a local checkpoint directory or a hub repo id into an MLX model directory."""
+    source = str(source)
+    if dtype is not None and dtype not in DTYPES:
+        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize not in (None, 4, 8):
+        raise FastVLMError(f"--quantize must be 4 or 8, got {quantize}")
+    out = Path(out) if out else default_out(source, quantize)
+    if out.exists() and not force:
+        raise FastVLMError(f"{out} already exists; pass --force to replace it")
+    path = Path(source).expanduser()
+    if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        path = fetch(source, revision)
+    check_source(path)
+
+    config = load_config(path)
+    weights = read_weights(path)
+    # Without --dtype nothing is cast: tensors keep the checkpoint's type and the
+    # BatchNorm folds, new numbers, stay float32, so the conversion is lossless.
+    model = build_model(config, weights, DTYPES[dtype] if dtype else None, path)
+    del weights
+    if quantize:
+        nn.quantize(model.language_model, group_size=group_size, bits=quantize,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % group_size == 0)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        save_model(staging, model)
+        (staging / "config.json").write_text(
+            json.dumps(output_config(config, model, quantize, group_size), indent=2))
+        (staging / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(model.args.vision_config.image_size), indent=2))
+        for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+            if (path / name).is_file():
+                shutil.copyfile(path / name, staging / name)
+        if verify_output:
+            verify(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.chmod(0o755)  # mkdtemp made it private
+        staging.rename(out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FastVLMError(f"writing {out} failed: {e}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def cached_conversion(repo_id: str, revision: str | None = None, dtype: str | None = None) -> Path:
+    """Convert a hub model once into the user cache, keyed by repo, revision and dtype."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvlm-mlx"
+    out = root / repo_id.replace("/", "--") / f"{revision or 'main'}-{dtype or 'stored'}"
+    if not out.is_dir():
+        print(f"Converting {repo_id} for first use into {out}", file=sys.stderr)
+        convert(repo_id, out, dtype=dtype, revision=revision)
+    return out

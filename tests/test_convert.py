@@ -1,0 +1,207 @@
+"""`fastvlm-mlx convert`: fidelity, dtypes, quantization, refusals, atomic output, hub cache."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CHECKPOINT, FIXTURE, IMAGE, QUESTION, rel_err
+from fastvlm_mlx import Chat, load
+from fastvlm_mlx.cli import app
+from fastvlm_mlx.convert import convert
+from fastvlm_mlx.processor import load_image, preprocess
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def prefill_logits(model, reference):
+    features = model.encode_image(preprocess(load_image(IMAGE), 256))
+    ids = reference["input_ids"][0].tolist()
+    return model.language_model(None, input_embeddings=model.embed(ids, features))[0, -1]
+
+
+def greedy_tokens(model, tokenizer, n=8):
+    chat = Chat(model, tokenizer, IMAGE)
+    chat.stop_ids = set()
+    return [r.token for r in chat.ask(QUESTION, max_tokens=n)]
+
+
+def weight_bytes(path: Path, prefix: str = "") -> int:
+    weights = {}
+    for f in path.glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    return sum(v.nbytes for k, v in weights.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "checkpoint-pytorch"])
+def test_conversion_keeps_reference_fidelity(source, reference, tmp_path):
+    out = tmp_path / "mlx"
+    r = cli("convert", str(FIXTURE / source), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["embed_dims"] == [8, 16, 32, 64, 128]
+    assert config["image_token_index"] == -200 and config["image_size"] == 256
+    weights = mx.load(str(out / "model.safetensors"))
+    assert not any(k.startswith("model.") or "bn." in k or ".head." in k for k in weights)
+    assert weights["vision_tower.patch_embed.0.reparam_conv.weight"].shape == (8, 3, 3, 3)  # O,kH,kW,I
+    model, tokenizer = load(out, dtype=mx.float32)
+    assert rel_err(prefill_logits(model, reference), reference["prefill_logits"]) <= 1e-4
+    assert greedy_tokens(model, tokenizer) == reference["generated_ids"].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_keeps_greedy_tokens(dtype, reference, tmp_path):
+    out = convert(CHECKPOINT, tmp_path / dtype, dtype=dtype)
+    assert mx.load(str(out / "model.safetensors"))["language_model.model.norm.weight"].dtype == getattr(mx, dtype)
+    model, tokenizer = load(out, dtype=getattr(mx, dtype))
+    assert greedy_tokens(model, tokenizer) == reference["generated_ids"].tolist()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decoder_loads_runs_and_shrinks(bits, tmp_path):
+    full = convert(CHECKPOINT, tmp_path / "full", dtype="float16")
+    quant = convert(CHECKPOINT, tmp_path / f"q{bits}", dtype="float16", quantize=bits)
+    config = json.loads((quant / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": bits}
+    # The tower stays float; the decoder's matrices take bits/16 of their size plus
+    # one fp16 scale and bias per 64 weights; its norms and biases are not quantized.
+    assert weight_bytes(quant, "vision_tower.") == weight_bytes(full, "vision_tower.")
+    ratio = weight_bytes(quant, "language_model.") / weight_bytes(full, "language_model.")
+    expected = (bits + 0.5) / 16
+    assert expected < ratio < expected + 0.05, ratio
+    model, tokenizer = load(quant)
+    assert "QuantizedLinear" in repr(model.language_model)
+    tokens = greedy_tokens(model, tokenizer, n=4)
+    assert len(tokens) == 4
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    source = tmp_path / "evil"
+    shutil.copytree(FIXTURE / "checkpoint-pytorch", source)
+    for f in source.glob("pytorch_model*"):
+        f.unlink()
+    with zipfile.ZipFile(source / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": Exploit()}, protocol=2))
+    r = cli("convert", str(source), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    assert "system" in r.output and "refused" in r.output
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def broken_copy(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    shutil.copytree(CHECKPOINT, path)
+    return path
+
+
+def wrong_shape(path: Path):
+    weights = mx.load(str(path / "model.safetensors"))
+    weights["model.mm_projector.2.weight"] = mx.zeros((64, 32), dtype=mx.bfloat16)
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+
+
+def truncate(path: Path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def foreign(path: Path):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, "truncated or corrupt"),
+    (wrong_shape, "mm_projector.linear_2.weight in"),
+    (lambda p: (p / "tokenizer.json").unlink(), "no tokenizer"),
+    (foreign, "model_type is 'llama'"),
+    (lambda p: (p / "fastvithd.mlpackage").mkdir(), "CoreML"),
+])
+def test_bad_checkpoints_exit_2_and_leave_nothing(damage, message, tmp_path):
+    source = broken_copy(tmp_path, "source")
+    damage(source)
+    out = tmp_path / "out"
+    r = cli("convert", str(source), "--out", str(out))
+    assert r.exit_code == 2
+    assert message in r.output, r.output
+    if damage is wrong_shape:
+        assert "(64, 32)" in r.output and "(64, 64)" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_interrupted_write_leaves_nothing(monkeypatch, tmp_path):
+    real_save = mx.save_safetensors
+
+    def fail_midway(path, weights, metadata=None):
+        real_save(path, dict(list(weights.items())[:3]), metadata=metadata)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", fail_midway)
+    r = cli("convert", str(CHECKPOINT), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    assert "No space left on device" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli("convert", str(CHECKPOINT), "--out", str(out)).exit_code == 2
+    assert (out / "keep.txt").exists()
+    assert cli("convert", str(CHECKPOINT), "--out", str(out), "--force").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def fake_hub(tmp_path: Path) -> dict:
+    """An HF cache holding the fixture as fake-org/FastVLM-tiny; the hub itself is offline."""
+    snapshot = tmp_path / "hub" / "models--fake-org--FastVLM-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(CHECKPOINT, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+            "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
+def test_hub_id_converts_once_then_reuses(tmp_path):
+    env = fake_hub(tmp_path)
+    command = [sys.executable, "-m", "fastvlm_mlx", "chat", str(IMAGE), "--model",
+               "fake-org/FastVLM-tiny", "--prompt", QUESTION, "--max-tokens", "8"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "Converting fake-org/FastVLM-tiny" in first.stderr
+    assert (tmp_path / "cache" / "fastvlm-mlx" / "fake-org--FastVLM-tiny" / "main-stored" / "config.json").exists()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "Converting" not in second.stderr
+    assert second.stdout == first.stdout == "\t\tlplplplplplp\n"
+
+
+def test_unreachable_hub_suggests_a_path(tmp_path):
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "fastvlm_mlx", "convert", "apple/FastVLM-0.5B",
+                        "--out", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "Hugging Face hub" in r.stderr and "--model PATH" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
