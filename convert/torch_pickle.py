@@ -77,9 +77,8 @@ class _Unpickler(pickle._Unpickler):
         self._archive = archive
         self._prefix = prefix
         self._label = label
-        names = set(archive.namelist())
         # Files from before torch recorded the byte order are little-endian.
-        big = f"{prefix}/byteorder" in names and archive.read(f"{prefix}/byteorder") == b"big"
+        big = f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder") == b"big"
         self._byteorder = ">" if big else "<"
         self._storages: dict[tuple[str, str], _Storage] = {}
 
@@ -152,7 +151,8 @@ def _load_file(path: Path) -> dict[str, mx.array]:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pickles) != 1:
-                raise FastVLMError(f"{path.name} is not a torch.save checkpoint: it has no data.pkl")
+                found = f"{len(pickles)} data.pkl, not 1"
+                raise FastVLMError(f"{path.name} is not a torch.save checkpoint: it holds {found}")
             state = _Unpickler(archive, pickles[0].removesuffix("/data.pkl"), path.name).load()
     except FastVLMError:
         raise
@@ -166,7 +166,7 @@ def _load_file(path: Path) -> dict[str, mx.array]:
         raise FastVLMError(f"{path.name} is not a valid torch.save zip (truncated or corrupt?): {error}") from error
     except Exception as error:  # anything else going wrong while decoding an untrusted file means a bad file
         raise FastVLMError(f"cannot read {path.name}: {type(error).__name__}: {error}") from error
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in state.items())):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in state.items()):
         raise FastVLMError(f"{path.name} is not a state dict of tensors")
     return {name: tensor.array for name, tensor in state.items()}
 
