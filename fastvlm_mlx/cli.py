@@ -90,6 +90,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a multiple of 64 (default: the model's)."),
     system: str = typer.Option(DEFAULT_SYSTEM, help="The system prompt."),
+    fastv: Optional[str] = typer.Option(None, help="FastV pruning K:R: drop the fraction R of visual tokens at layer K (e.g. 2:0.5)."),
 ) -> None:
     """Ask about a picture: one-shot with --prompt, otherwise an interactive chat."""
     try:
@@ -97,7 +98,7 @@ def chat(
         vlm, tokenizer = load(model)
         if seed is not None:
             mx.random.seed(seed)
-        session = Chat(vlm, tokenizer, picture, system=system, resolution=resolution)
+        session = Chat(vlm, tokenizer, picture, system=system, resolution=resolution, fastv=fastv)
         if prompt is None:
             _interactive(session, max_tokens, temperature, top_p)
         else:

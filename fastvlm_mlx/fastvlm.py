@@ -100,6 +100,13 @@ class Model(nn.Module):
         parts = [before, image_features.astype(before.dtype), after]
         return mx.concatenate(parts, axis=1)
 
+    def lm_head(self, h: mx.array) -> mx.array:
+        """Decoder hidden states (after the final norm) -> logits."""
+        lm = self.language_model
+        if lm.args.tie_word_embeddings:
+            return lm.model.embed_tokens.as_linear(h)
+        return lm.lm_head(h)
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a published (HF/LLaVA, PyTorch layout) state dict to this model.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
+from . import fastv
 from .errors import FastVLMError
+from .fastv import FastV
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
 from .processor import DEFAULT_SYSTEM, first_turn, load_image, next_turn, preprocess, tokenize
 
@@ -28,6 +31,7 @@ class Stats:
     visual_tokens: int = 0
     prompt_tokens: int = 0  # tokens prefilled for this turn (image features included)
     generation_tokens: int = 0
+    visual_kept: int | None = None  # visual tokens left after FastV pruning
 
     @property
     def ttft_s(self) -> float:
@@ -43,6 +47,7 @@ class Stats:
             f"vision {self.vision_s * 1e3:.0f} ms | prefill {self.prefill_s * 1e3:.0f} ms "
             f"({self.prompt_tokens} tok) | TTFT {self.ttft_s * 1e3:.0f} ms | "
             f"decode {self.decode_tps:.1f} tok/s | {self.visual_tokens} visual tokens"
+            + (f" ({self.visual_kept} kept by FastV)" if self.visual_kept is not None else "")
         )
 
 
@@ -63,8 +68,11 @@ class Chat:
     """
 
     def __init__(self, model: Model, tokenizer, image: str | Path | Image.Image | None = None,
-                 system: str = DEFAULT_SYSTEM, resolution: int | None = None):
+                 system: str = DEFAULT_SYSTEM, resolution: int | None = None,
+                 fastv: FastV | str | None = None):
         self.model = model
+        num_layers = model.args.text_config.num_hidden_layers
+        self.fastv = FastV.parse(fastv, num_layers) if isinstance(fastv, str) else fastv
         self.tokenizer = tokenizer
         self.system = system
         self.resolution = resolution or model.args.vision_config.image_size
@@ -132,28 +140,28 @@ class Chat:
         if self._vision_pending:
             stats.vision_s = self.vision_s
             self._vision_pending = False
+        sampler = make_sampler(temperature, top_p if top_p < 1.0 else 0.0)
         sampled: list[int] = []
         try:
             start = time.perf_counter()
-            embeddings = self.model.embed(new, self.features)
-            steps = generate_step(
-                mx.array([], dtype=mx.int32),  # the embeddings carry the whole prompt
-                self.model.language_model,
-                max_tokens=max_tokens,
-                sampler=make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
-                prompt_cache=self.cache,
-                input_embeddings=embeddings[0],
+            logits = self.prefill(new)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            first = sampler(logprobs)
+            mx.eval(first)
+            stats.prefill_s = time.perf_counter() - start
+            if self.fastv and IMAGE_TOKEN_INDEX in new:
+                stats.visual_kept = self.fastv.kept(self.visual_tokens)
+            steps = itertools.chain(
+                [(first.item(), logprobs[0])],
+                generate_step(first, self.model.language_model, max_tokens=max_tokens - 1,
+                              sampler=sampler, prompt_cache=self.cache),
             )
             detokenizer = self.tokenizer.detokenizer
             finish = "length"
             for token, logprobs in steps:
-                now = time.perf_counter()
-                if not sampled:
-                    stats.prefill_s = now - start
-                    first = now
                 sampled.append(token)
                 stats.generation_tokens = len(sampled)
-                stats.decode_s = now - first
+                stats.decode_s = time.perf_counter() - start - stats.prefill_s
                 if token in self.stop_ids:
                     finish = "stop"
                     break
@@ -165,6 +173,16 @@ class Chat:
             yield GenerationResponse(detokenizer.last_segment, token, logprobs, finish, stats)
         finally:
             self._record_turn(full, sampled)
+
+    def prefill(self, ids: list[int]) -> mx.array:
+        """Run the decoder over `ids` on top of the cache; the last position's logits [1, V]."""
+        embeddings = self.model.embed(ids, self.features)
+        if self.fastv and IMAGE_TOKEN_INDEX in ids:
+            image = (ids.index(IMAGE_TOKEN_INDEX), self.visual_tokens)
+            h = fastv.prefill(self.model.language_model, embeddings, self.cache, self.fastv, image)
+        else:
+            h = self.model.language_model.model(None, self.cache, input_embeddings=embeddings)
+        return self.model.lm_head(h[:, -1])
 
     def _reuse_cache(self, full: list[int]) -> int:
         """Trim the cache to the longest prefix of `full` it holds; return that length."""
@@ -203,10 +221,10 @@ class Chat:
 
 def stream_generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,
                     max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                    system: str = DEFAULT_SYSTEM,
-                    resolution: int | None = None) -> Iterator[GenerationResponse]:
-    """Answer one question about one image, streamed."""
-    chat = Chat(model, tokenizer, image, system=system, resolution=resolution)
+                    system: str = DEFAULT_SYSTEM, resolution: int | None = None,
+                    fastv: FastV | str | None = None) -> Iterator[GenerationResponse]:
+    """Answer one question about one image, streamed; fastv="K:R" prunes visual tokens."""
+    chat = Chat(model, tokenizer, image, system=system, resolution=resolution, fastv=fastv)
     yield from chat.ask(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
 

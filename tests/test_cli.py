@@ -83,3 +83,12 @@ def test_default_model_comes_from_the_hub(tmp_path):
     assert r.returncode == 2
     assert "apple/FastVLM-0.5B" in r.stderr and "--model PATH" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_fastv_option():
+    r = run("chat", str(IMAGE), "--model", str(CHECKPOINT), "--prompt", QUESTION,
+            "--max-tokens", "8", "--fastv", "1:0.5")
+    assert r.returncode == 0, r.stderr
+    assert "(8 kept by FastV)" in r.stderr
+    bad = run("chat", str(IMAGE), "--model", str(CHECKPOINT), "--prompt", QUESTION, "--fastv", "5:0.5")
+    assert bad.returncode == 2 and "K must be in [1, 2)" in bad.stderr
