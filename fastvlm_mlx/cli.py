@@ -10,6 +10,7 @@ from typing import Optional
 import mlx.core as mx
 import typer
 
+from .bench.cli import bench
 from .errors import FastVLMError
 from .generate import Chat
 from .processor import DEFAULT_SYSTEM, load_image
@@ -135,6 +136,9 @@ def convert(
         print(file=sys.stderr)
         raise typer.Exit(130)
     print(f"Converted {source} -> {path}")
+
+
+app.command()(bench)
 
 
 def main() -> None:

@@ -14,11 +14,26 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
-from . import fastv
 from .errors import FastVLMError
 from .fastv import FastV
+from .fastv import prefill as fastv_prefill
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
 from .processor import DEFAULT_SYSTEM, first_turn, load_image, next_turn, preprocess, tokenize
+
+
+def prefill(model: Model, ids: list[int], features: mx.array | None, cache: list,
+            fastv: FastV | None = None) -> mx.array:
+    """Run the decoder over `ids` on top of `cache`; the last position's logits [1, V].
+
+    With FastV, a prefill that holds the image slot prunes the visual tokens.
+    """
+    embeddings = model.embed(ids, features)
+    if fastv and IMAGE_TOKEN_INDEX in ids:
+        image = (ids.index(IMAGE_TOKEN_INDEX), features.shape[1])
+        h = fastv_prefill(model.language_model, embeddings, cache, fastv, image)
+    else:
+        h = model.language_model.model(None, cache, input_embeddings=embeddings)
+    return model.lm_head(h[:, -1])
 
 
 @dataclass
@@ -144,7 +159,7 @@ class Chat:
         sampled: list[int] = []
         try:
             start = time.perf_counter()
-            logits = self.prefill(new)
+            logits = prefill(self.model, new, self.features, self.cache, self.fastv)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             first = sampler(logprobs)
             mx.eval(first)
@@ -173,16 +188,6 @@ class Chat:
             yield GenerationResponse(detokenizer.last_segment, token, logprobs, finish, stats)
         finally:
             self._record_turn(full, sampled)
-
-    def prefill(self, ids: list[int]) -> mx.array:
-        """Run the decoder over `ids` on top of the cache; the last position's logits [1, V]."""
-        embeddings = self.model.embed(ids, self.features)
-        if self.fastv and IMAGE_TOKEN_INDEX in ids:
-            image = (ids.index(IMAGE_TOKEN_INDEX), self.visual_tokens)
-            h = fastv.prefill(self.model.language_model, embeddings, self.cache, self.fastv, image)
-        else:
-            h = self.model.language_model.model(None, self.cache, input_embeddings=embeddings)
-        return self.model.lm_head(h[:, -1])
 
     def _reuse_cache(self, full: list[int]) -> int:
         """Trim the cache to the longest prefix of `full` it holds; return that length."""
