@@ -51,10 +51,12 @@ class FastVCache(KVCache):
     `offset`, which mlx-lm's attention takes as the next rotary position, also
     counts the pruned ones."""
 
-    def __init__(self, pruned: int):
+    def __init__(self, before: KVCache, pruned: int):
+        """Take over `before`, which holds the tokens ahead of the image, unpruned."""
         super().__init__()
+        self.keys, self.values = before.keys, before.values
         self.pruned = pruned
-        self.offset = pruned
+        self.offset = before.offset + pruned
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.offset -= self.pruned  # the parent indexes its storage by offset
@@ -132,8 +134,8 @@ def prefill(language_model: nn.Module, h: mx.array, cache: list, fastv: FastV,
     start, count = image
     T = h.shape[1]
     base = cache[0].offset
-    if any(c.offset for c in cache[fastv.layer:]):
-        raise FastVLMError("FastV prunes the prefill that holds the image, which must come first")
+    if any(isinstance(c, FastVCache) for c in cache):
+        raise FastVLMError("FastV prunes one image per conversation; /reset before another")
     mask = create_attention_mask(h, cache[0])
     for layer, c in zip(layers[: fastv.layer - 1], cache):
         h = layer(h, mask, c)
@@ -147,7 +149,7 @@ def prefill(language_model: nn.Module, h: mx.array, cache: list, fastv: FastV,
     h = h[:, keep]
     pruned = T - keep.shape[0]
     for i in range(fastv.layer, len(layers)):
-        cache[i] = FastVCache(pruned)
+        cache[i] = FastVCache(cache[i], pruned)
     with rotary_positions(layers[fastv.layer :], base + keep):
         for layer, c in zip(layers[fastv.layer :], cache[fastv.layer :]):
             h = layer(h, create_attention_mask(h, None), c)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +77,39 @@ class GenerationResponse:
     stats: Stats = field(default_factory=Stats)
 
 
+class ModelMemo:
+    """What one model keeps between conversations.
+
+    Image features by content hash, so asking again about a picture skips the
+    encoder, and the KV of the constant prompt prefix before the image (system
+    turn and template), so a new conversation prefills it only once per model.
+    """
+
+    def __init__(self, images: int = 8):
+        self.images = images
+        self.features: OrderedDict[str, mx.array] = OrderedDict()
+        self.prefix: tuple[list[int], list[tuple[mx.array, mx.array]]] | None = None
+
+    @classmethod
+    def of(cls, model: Model) -> "ModelMemo":
+        memo = getattr(model, "_memo", None)
+        if memo is None:
+            memo = cls()
+            object.__setattr__(model, "_memo", memo)  # a plain attribute, not a parameter
+        return memo
+
+    def remember_features(self, key: str, features: mx.array) -> None:
+        self.features[key] = features
+        while len(self.features) > self.images:
+            self.features.popitem(last=False)
+
+
+def image_digest(image: Image.Image, resolution: int) -> str:
+    digest = hashlib.sha256(image.tobytes())
+    digest.update(f"{image.mode}{image.size}{resolution}".encode())
+    return digest.hexdigest()
+
+
 class Chat:
     """A conversation about one image.
 
@@ -110,10 +145,16 @@ class Chat:
         """Encode a new picture (once) and start a fresh conversation about it."""
         if not isinstance(image, Image.Image):
             image = load_image(image)
-        pixels = preprocess(image, self.resolution)
+        memo = ModelMemo.of(self.model)
+        key = image_digest(image, self.resolution)
         start = time.perf_counter()
-        self.features = self.model.encode_image(pixels)
-        mx.eval(self.features)  # computed once, reused by every turn
+        self.features = memo.features.get(key)
+        if self.features is None:
+            self.features = self.model.encode_image(preprocess(image, self.resolution))
+            mx.eval(self.features)  # computed once, reused by every turn
+            memo.remember_features(key, self.features)
+        else:
+            memo.features.move_to_end(key)
         self.vision_s = time.perf_counter() - start
         self.reset()
         self._vision_pending = True  # the next answer's TTFT includes the encoding
@@ -149,6 +190,7 @@ class Chat:
                 "ask a shorter question or /reset the conversation"
             )
         max_tokens = min(max_tokens, self.context - length)
+        self._seed_prefix(full)
         keep = self._reuse_cache(full)
         new = full[keep:]
         stats = Stats(visual_tokens=self.visual_tokens, prompt_tokens=self.expanded_length(new))
@@ -164,6 +206,7 @@ class Chat:
             first = sampler(logprobs)
             mx.eval(first)
             stats.prefill_s = time.perf_counter() - start
+            self._remember_prefix(full)
             if self.fastv and IMAGE_TOKEN_INDEX in new:
                 stats.visual_kept = self.fastv.kept(self.visual_tokens)
             steps = itertools.chain(
@@ -188,6 +231,26 @@ class Chat:
             yield GenerationResponse(detokenizer.last_segment, token, logprobs, finish, stats)
         finally:
             self._record_turn(full, sampled)
+
+    def _seed_prefix(self, full: list[int]) -> None:
+        """Start a fresh conversation from the model's cached prompt prefix, if it fits."""
+        prefix = ModelMemo.of(self.model).prefix
+        if self.cached or prefix is None or full[: len(prefix[0])] != prefix[0]:
+            return
+        for c, (keys, values) in zip(self.cache, prefix[1]):
+            c.keys, c.values, c.offset = keys[...], values[...], keys.shape[2]
+        self.cached = list(prefix[0])
+
+    def _remember_prefix(self, full: list[int]) -> None:
+        """Keep the KV of the ids before the image slot, the same for every image."""
+        if IMAGE_TOKEN_INDEX not in full:
+            return
+        n = full.index(IMAGE_TOKEN_INDEX)
+        memo = ModelMemo.of(self.model)
+        if n == 0 or (memo.prefix is not None and memo.prefix[0] == full[:n]):
+            return
+        layers = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in self.cache]
+        memo.prefix = (full[:n], layers)
 
     def _reuse_cache(self, full: list[int]) -> int:
         """Trim the cache to the longest prefix of `full` it holds; return that length."""

@@ -1,5 +1,6 @@
 """Multi-turn chat on one KV cache, and streaming."""
 
+import mlx.core as mx
 import pytest
 
 from conftest import IMAGE, QUESTION, rel_err
@@ -83,3 +84,17 @@ def test_prompt_longer_than_context_is_refused(tiny):
     with pytest.raises(FastVLMError, match="context is 4096"):
         answer(chat, "word " * 5000)
     assert chat.tokens == []  # nothing was recorded
+
+
+def test_new_conversations_reuse_the_prefix_and_the_image(tiny, reference):
+    """A second conversation on the same model skips the encoder (same picture) and
+    the template before the image, and still computes the reference logits."""
+    model, tokenizer = tiny
+    Chat(model, tokenizer, IMAGE).ask(QUESTION, max_tokens=1).__next__()
+    again = Chat(model, tokenizer, IMAGE)
+    assert again.vision_s < 0.01  # features came from the content-hash cache
+    response = next(again.ask(QUESTION, max_tokens=1))
+    ids = reference["input_ids"][0].tolist()
+    assert response.stats.prompt_tokens == len(ids) - 1 + 16 - ids.index(-200)
+    logits = reference["prefill_logits"]
+    assert rel_err(response.logprobs, logits - mx.logsumexp(logits)) <= 1e-4

@@ -8,6 +8,9 @@ import sys
 import pytest
 
 from conftest import CHECKPOINT, IMAGE, QUESTION
+from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
+from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, next_turn, tokenize
+from fastvlm_mlx.utils import load_tokenizer
 
 REFERENCE_TEXT = "\t\tlplplplplplp"  # reference.json's generated_text (8 greedy tokens)
 
@@ -34,8 +37,15 @@ def test_interactive_session_through_stdin():
     assert answers[0] == REFERENCE_TEXT
     footers = [line for line in r.stderr.splitlines() if "TTFT" in line]
     assert len(footers) == 3
-    # The second turn prefilled only itself; after /reset the whole prompt again.
-    assert "(60 tok)" in footers[0] and "(60 tok)" not in footers[1] and "(60 tok)" in footers[2]
+    # The second turn prefilled only itself (and the closing <|im_end|> of the first
+    # answer); after /reset the prompt again, but not the template before the image.
+    tokenizer = load_tokenizer(CHECKPOINT)
+    opening = tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, QUESTION))
+    second = len(tokenize(tokenizer, next_turn("And then?"))) + 1
+    after_reset = len(opening) - 1 + 16 - opening.index(IMAGE_TOKEN_INDEX)
+    assert f"({len(opening) - 1 + 16} tok)" in footers[0]
+    assert f"({second} tok)" in footers[1] and f"({after_reset} tok)" in footers[2]
+    assert "vision 0 ms" in footers[1] and "vision 0 ms" in footers[2]
     assert "history cleared" in r.stderr
     assert r.stdout.count(REFERENCE_TEXT) == 2
 
