@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fastvlm_mlx.errors import FastVLMError
+from fastvlm_mlx.errors import FastVLMError, exit_codes
 from fastvlm_mlx.fastv import FastV
 from fastvlm_mlx.fastvlm import Model
 from fastvlm_mlx.utils import default_dtype, load
@@ -77,7 +77,7 @@ def bench(
     are random in the published shapes: latency does not depend on their values.
     """
     err = Console(stderr=True, soft_wrap=True)
-    try:
+    with exit_codes():
         if dtype is not None and dtype not in DTYPES:
             raise FastVLMError(f"--dtype takes one of {', '.join(DTYPES)}, got {dtype!r}")
         sweep = parse_resolutions(resolution, resolutions)
@@ -118,12 +118,6 @@ def bench(
             err.print(f"wrote {plot_path}")
         if not report.complete:
             raise typer.Exit(130)
-    except FastVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise typer.Exit(130)
 
 
 def _sweep(model: Model, ids: list[int], sweep: list[int], runs: int, warmup: int, max_tokens: int,

@@ -11,10 +11,10 @@ import mlx.core as mx
 import typer
 
 from .bench.cli import bench
-from .errors import FastVLMError
+from .errors import FastVLMError, exit_codes
 from .generate import Chat
 from .processor import DEFAULT_SYSTEM, load_image
-from .utils import DEFAULT_MODEL, load
+from .utils import DEFAULT_MODEL, keep_freed_buffers, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Apple's FastVLM vision-language models, natively on MLX.")
@@ -94,7 +94,7 @@ def chat(
     fastv: Optional[str] = typer.Option(None, help="FastV pruning K:R: drop the fraction R of visual tokens at layer K (e.g. 2:0.5)."),
 ) -> None:
     """Ask about a picture: one-shot with --prompt, otherwise an interactive chat."""
-    try:
+    with exit_codes():
         picture = load_image(image)  # fail on a bad image before loading a model
         vlm, tokenizer = load(model)
         if seed is not None:
@@ -104,12 +104,6 @@ def chat(
             _interactive(session, max_tokens, temperature, top_p)
         else:
             _answer(session, prompt, max_tokens, temperature, top_p)
-    except FastVLMError as e:
-        _err(str(e))
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise typer.Exit(130)
 
 
 @app.command()
@@ -126,15 +120,9 @@ def convert(
     """Convert a published FastVLM checkpoint (safetensors or PyTorch .bin) to MLX."""
     from fastvlm_mlx.convert import convert as run_convert
 
-    try:
+    with exit_codes():
         path = run_convert(source, out, dtype=dtype, quantize=quantize, group_size=group_size,
                            force=force, verify_output=verify, revision=revision)
-    except FastVLMError as e:
-        _err(str(e))
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise typer.Exit(130)
     print(f"Converted {source} -> {path}")
 
 
@@ -142,4 +130,5 @@ app.command()(bench)
 
 
 def main() -> None:
+    keep_freed_buffers()
     app()

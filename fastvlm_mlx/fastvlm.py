@@ -83,7 +83,8 @@ class Model(nn.Module):
             raise FastVLMError(
                 f"resolution {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of {side}"
             )
-        x = self.vision_tower(pixels)
+        dtype = self.vision_tower.patch_embed[0].reparam_conv.weight.dtype
+        x = self.vision_tower(pixels.astype(dtype))  # float32 pixels would promote a half tower
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def embed(self, input_ids: list[int], image_features: mx.array | None) -> mx.array:
