@@ -22,7 +22,8 @@ from mlx_lm.utils import save_model
 
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
-from fastvlm_mlx.utils import TOKENIZER_FILES, build_model, load, load_config
+from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, is_hub_id, load, load_config,
+                               load_weights)
 
 from .torch_pickle import load_torch_checkpoint
 
@@ -49,21 +50,8 @@ def fetch(repo_id: str, revision: str | None = None) -> Path:
 
 def read_weights(path: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint directory: safetensors first, else torch pickles."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if files:
-        weights: dict[str, mx.array] = {}
-        for f in files:
-            if not f.is_file():
-                raise FastVLMError(f"{index} names {f.name}, which is missing")
-            try:
-                weights.update(mx.load(str(f)))
-            except Exception as e:  # mlx raises bare RuntimeError/ValueError on corrupt files
-                raise FastVLMError(f"cannot read weights {f}: {e} (truncated or corrupt?)") from None
-        return weights
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return load_weights(path)
     if (path / "pytorch_model.bin.index.json").is_file():
         return load_torch_checkpoint(path / "pytorch_model.bin.index.json")
     pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
@@ -154,7 +142,7 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
     if out.exists() and not force:
         raise FastVLMError(f"{out} already exists; pass --force to replace it")
     path = Path(source).expanduser()
-    if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if not path.exists() and is_hub_id(source):
         path = fetch(source, revision)
     check_source(path)
 

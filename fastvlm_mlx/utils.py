@@ -34,6 +34,11 @@ def keep_freed_buffers() -> None:
         mx.set_cache_limit(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
 
 
+def is_hub_id(name: str) -> bool:
+    """'org/name' that is not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_model_path(model: str) -> Path:
     """A local directory as is; a hub id is converted once into the cache, then reused."""
     path = Path(model).expanduser()
@@ -41,7 +46,7 @@ def resolve_model_path(model: str) -> Path:
         return path
     if path.exists():
         raise FastVLMError(f"--model must be a directory, got the file {path}")
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+    if is_hub_id(model):
         from fastvlm_mlx.convert.convert import cached_conversion
 
         return cached_conversion(model)
@@ -71,9 +76,16 @@ def load_config(path: Path) -> dict:
 
 
 def load_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("*.safetensors"))
+    """Every tensor of the directory's safetensors, single or sharded with an index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
     weights: dict[str, mx.array] = {}
     for f in files:
+        if not f.is_file():
+            raise FastVLMError(f"{index} names {f.name}, which is missing")
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises bare RuntimeError/ValueError on corrupt files
