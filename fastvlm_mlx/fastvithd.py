@@ -88,12 +88,12 @@ def gelu(x: mx.array) -> mx.array:
     return _gelu_rational(x, _ERF_COEFFS) if mx.default_device() == mx.cpu else nn.gelu(x)
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
-         bias: bool = True) -> nn.Module:
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Module:
+    """A reparameterized conv with bias, "same" padding; one input channel per group
+    makes it a DepthwiseConv2d."""
     if groups == in_ch and groups > 1:
-        return DepthwiseConv2d(in_ch, out_ch, kernel, stride, bias)
-    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2,
-                     groups=groups, bias=bias)
+        return DepthwiseConv2d(in_ch, out_ch, kernel, stride)
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups)
 
 
 class DepthwiseConv2d(nn.Module):
@@ -104,21 +104,18 @@ class DepthwiseConv2d(nn.Module):
     172 ms vs 59 ms), so there the sum is used; other backends keep mx.conv2d.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, bias: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1):
         super().__init__()
         scale = (1.0 / (kernel * kernel)) ** 0.5
         self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, 1))
-        if bias:
-            self.bias = mx.zeros((out_ch,))
+        self.bias = mx.zeros((out_ch,))
         self.stride = stride
 
     def __call__(self, x: mx.array) -> mx.array:
-        bias = self.bias if "bias" in self else mx.zeros((1,), dtype=x.dtype)
         if mx.default_device() == mx.cpu:
-            return _shift_add(x, self.weight, bias, self.stride)
+            return _shift_add(x, self.weight, self.bias, self.stride)
         k = self.weight.shape[1]
-        y = mx.conv2d(x, self.weight, self.stride, k // 2, groups=x.shape[-1])
-        return y + bias
+        return mx.conv2d(x, self.weight, self.stride, k // 2, groups=x.shape[-1]) + self.bias
 
 
 @partial(mx.compile, shapeless=False)
