@@ -25,7 +25,7 @@ from .processor import DEFAULT_SYSTEM, first_turn, load_image, next_turn, prepro
 
 def prefill(model: Model, ids: list[int], features: mx.array | None, cache: list,
             fastv: FastV | None = None) -> mx.array:
-    """Run the decoder over `ids` on top of `cache`; the last position's logits [1, V].
+    """Run the decoder over `ids` on top of `cache`; the last position's log-probabilities [1, V].
 
     With FastV, a prefill that holds the image slot prunes the visual tokens.
     """
@@ -35,7 +35,8 @@ def prefill(model: Model, ids: list[int], features: mx.array | None, cache: list
         h = fastv_prefill(model.language_model, embeddings, cache, fastv, image)
     else:
         h = model.language_model.model(None, cache, input_embeddings=embeddings)
-    return model.lm_head(h[:, -1])
+    logits = model.lm_head(h[:, -1])
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 @dataclass
@@ -201,8 +202,7 @@ class Chat:
         sampled: list[int] = []
         try:
             start = time.perf_counter()
-            logits = prefill(self.model, new, self.features, self.cache, self.fastv)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            logprobs = prefill(self.model, new, self.features, self.cache, self.fastv)
             first = sampler(logprobs)
             mx.eval(first)
             stats.prefill_s = time.perf_counter() - start
