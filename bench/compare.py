@@ -285,10 +285,8 @@ def compare(resolutions: list[int], dtype: str = "float32", runs: int = 5, warmu
         raise FastVLMError(f"--dtype takes one of {', '.join(DTYPES)}, got {dtype!r}")
     if not resolutions:
         raise FastVLMError("give at least one resolution")
-    side = VisionConfig().stride
     for r in resolutions:
-        if r <= 0 or r % side:
-            raise FastVLMError(f"resolution must be a positive multiple of {side}, got {r}")
+        VisionConfig().check_resolution(r)
     env = {**environment(DTYPES[dtype]), "mlx_vlm": version("mlx-vlm")}
     if env["blas"] and env["blas"]["reference"]:
         err.print(f"[yellow]warning: {BLAS_HINT}[/yellow]")

@@ -252,8 +252,7 @@ def check_request(model: Model, resolutions: list[int], ids: list[int], max_toke
     side = model.args.vision_config.stride
     context = model.args.text_config.max_position_embeddings
     for r in resolutions:
-        if r <= 0 or r % side:
-            raise FastVLMError(f"resolution must be a positive multiple of {side}, got {r}")
+        model.args.vision_config.check_resolution(r)
         length = len(ids) - 1 + (r // side) ** 2 + max_tokens
         if length > context:
             raise FastVLMError(

@@ -14,6 +14,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import FastVLMError
+
 
 @dataclass
 class VisionConfig:
@@ -45,6 +47,11 @@ class VisionConfig:
     def hidden_size(self) -> int:
         """Channels of the image embedding (3072 for the published tower)."""
         return int(self.embed_dims[-1] * self.cls_ratio)
+
+    def check_resolution(self, resolution: int) -> None:
+        """The tower takes square inputs whose side is a positive multiple of its stride."""
+        if resolution <= 0 or resolution % self.stride:
+            raise FastVLMError(f"resolution must be a positive multiple of {self.stride}, got {resolution}")
 
     @property
     def stride(self) -> int:

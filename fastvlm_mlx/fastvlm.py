@@ -86,11 +86,8 @@ class Model(nn.Module):
 
     def image_embeddings(self, pixels: mx.array) -> mx.array:
         """[1, H, W, 3] -> the tower's output flattened to tokens [1, N, mm_hidden]."""
-        side = self.args.vision_config.stride
-        if pixels.shape[1] % side or pixels.shape[2] % side:
-            raise FastVLMError(
-                f"resolution {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of {side}"
-            )
+        for side in pixels.shape[1:3]:
+            self.args.vision_config.check_resolution(side)
         dtype = compute_dtype(self.vision_tower.patch_embed[0].reparam_conv.weight.dtype)
         x = self.vision_tower(pixels.astype(dtype))
         return x.reshape(x.shape[0], -1, x.shape[-1])

@@ -127,9 +127,7 @@ class Chat:
         self.tokenizer = tokenizer
         self.system = system
         self.resolution = resolution or model.args.vision_config.image_size
-        side = model.args.vision_config.stride
-        if self.resolution <= 0 or self.resolution % side:
-            raise FastVLMError(f"--resolution must be a positive multiple of {side}, got {self.resolution}")
+        model.args.vision_config.check_resolution(self.resolution)
         self.context = model.args.text_config.max_position_embeddings
         self.stop_ids = set(tokenizer.eos_token_ids) | {
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
