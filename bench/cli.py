@@ -15,14 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fastvlm_mlx.errors import FastVLMError, exit_codes
 from fastvlm_mlx.fastv import FastV
 from fastvlm_mlx.fastvlm import Model
-from fastvlm_mlx.utils import default_dtype, load
+from fastvlm_mlx.utils import default_dtype, load, parse_dtype
 
 from .flops import matmul_peak
 from .harness import (DECODERS, Result, check_request, dtype_name, environment, measure,
                       model_info, prompt_ids, random_config, random_model)
 from .report import Report, check_matplotlib, ms, plot, render, write_json
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def parse_resolutions(resolution: Optional[int], resolutions: Optional[str]) -> Optional[list[int]]:
@@ -78,15 +77,13 @@ def bench(
     """
     err = Console(stderr=True, soft_wrap=True)
     with exit_codes():
-        if dtype is not None and dtype not in DTYPES:
-            raise FastVLMError(f"--dtype takes one of {', '.join(DTYPES)}, got {dtype!r}")
+        mx_dtype = parse_dtype(dtype) or default_dtype()
         sweep = parse_resolutions(resolution, resolutions)
         for flag, path in (("--json", json_path), ("--plot", plot_path)):
             if path is not None and not path.parent.is_dir():  # fail now, not after the sweep
                 raise FastVLMError(f"{flag} {path}: the directory {path.parent} does not exist")
         if plot_path is not None:
             check_matplotlib()
-        mx_dtype = DTYPES[dtype] if dtype else default_dtype()
         vlm, tokenizer, source, load_s = load_model(model, random_size, mx_dtype)
         pruning = FastV.parse(fastv, vlm.args.text_config.num_hidden_layers) if fastv else None
         ids = prompt_ids(tokenizer, prompt_tokens, vlm.args.text_config.vocab_size)

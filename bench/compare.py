@@ -41,14 +41,13 @@ from fastvlm_mlx.fastvithd import VisionConfig
 from fastvlm_mlx.fastvlm import HF_TOWER_PREFIX, Model
 from fastvlm_mlx.generate import prefill
 from fastvlm_mlx.processor import preprocess
-from fastvlm_mlx.utils import keep_freed_buffers, load_model
+from fastvlm_mlx.utils import keep_freed_buffers, load_model, parse_dtype
 
 from .cli import parse_resolutions
 from .harness import dtype_name, environment, prompt_ids, random_config, random_model, synthetic_image
 from .report import BLAS_HINT, ms
 
 MISSING = "the mlx-vlm comparison needs mlx-vlm: pip install -e '.[compare]'"
-DTYPES = {"float32": mx.float32, "float16": mx.float16}
 SAMPLES = ("vision_s", "prefill_s", "ttft_s")
 HEAD_DIM = 768  # mobileclip_l's CLIP head (head.proj [3072, 768]): unused, but published
 BN_EPS = 1e-5
@@ -206,7 +205,7 @@ def load_both(workdir: Path, dtype: str, err: Console) -> tuple[Model, nn.Module
     hf = write_hf_checkpoint(random_model(config, mx.float32), config, workdir / "hf")
     mx.clear_cache()
     err.print(f"converting to {dtype} with fastvlm-mlx")
-    ours = load_model(convert(hf, workdir / "fastvlm-mlx", dtype=dtype), DTYPES[dtype])
+    ours = load_model(convert(hf, workdir / "fastvlm-mlx", dtype=dtype), parse_dtype(dtype))
     err.print(f"converting to {dtype} with mlx-vlm {version('mlx-vlm')}")
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not our output
         mlx_vlm_convert(str(hf), str(workdir / "mlx-vlm"), dtype=dtype)
@@ -281,13 +280,12 @@ def compare(resolutions: list[int], dtype: str = "float32", runs: int = 5, warmu
     """Time both tools on one random 0.5B checkpoint; the results and the environment."""
     require_mlx_vlm()
     err = err or Console(stderr=True, soft_wrap=True)
-    if dtype not in DTYPES:
-        raise FastVLMError(f"--dtype takes one of {', '.join(DTYPES)}, got {dtype!r}")
+    mx_dtype = parse_dtype(dtype)
     if not resolutions:
         raise FastVLMError("give at least one resolution")
     for r in resolutions:
         VisionConfig().check_resolution(r)
-    env = {**environment(DTYPES[dtype]), "mlx_vlm": version("mlx-vlm")}
+    env = {**environment(mx_dtype), "mlx_vlm": version("mlx-vlm")}
     if env["blas"] and env["blas"]["reference"]:
         err.print(f"[yellow]warning: {BLAS_HINT}[/yellow]")
     with tempfile.TemporaryDirectory(prefix="fastvlm-compare-") as workdir:
@@ -298,7 +296,7 @@ def compare(resolutions: list[int], dtype: str = "float32", runs: int = 5, warmu
 
 def main(
     resolutions: str = typer.Option("1024,1152", help="Comma-separated input sides in pixels, multiples of 64."),
-    dtype: str = typer.Option("float32", help="float32 or float16, for both tools."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16, for both tools."),
     runs: int = typer.Option(5, min=1, help="Counted pairs of runs per resolution."),
     warmup: int = typer.Option(1, min=0, help="Uncounted pairs first, per resolution."),
     prompt_tokens: int = typer.Option(48, min=1, help="Text tokens in the prompt, besides the visual ones."),

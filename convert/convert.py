@@ -23,11 +23,10 @@ from mlx_lm.utils import save_model
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
 from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, is_hub_id, load, load_config,
-                               load_weights)
+                               load_weights, parse_dtype)
 
 from .torch_pickle import load_torch_checkpoint
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_EXTRAS = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                     "generation_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
@@ -134,8 +133,7 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
             verify_output: bool = True, revision: str | None = None) -> Path:
     """Convert a local checkpoint directory or a hub repo id into an MLX model directory."""
     source = str(source)
-    if dtype is not None and dtype not in DTYPES:
-        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = parse_dtype(dtype)
     if quantize not in (None, 4, 8):
         raise FastVLMError(f"--quantize must be 4 or 8, got {quantize}")
     out = Path(out) if out else default_out(source, quantize)
@@ -150,7 +148,7 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
     weights = read_weights(path)
     # Without --dtype nothing is cast: tensors keep the checkpoint's type and the
     # BatchNorm folds, new numbers, stay float32, so the conversion is lossless.
-    model = build_model(config, weights, DTYPES[dtype] if dtype else None, path)
+    model = build_model(config, weights, target, path)
     del weights
     if quantize:
         nn.quantize(model.language_model, group_size=group_size, bits=quantize,

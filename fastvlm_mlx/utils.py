@@ -18,6 +18,18 @@ DEFAULT_MODEL = "apple/FastVLM-0.5B"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def parse_dtype(name: str | None) -> mx.Dtype | None:
+    """A --dtype value; None stays None (each command has its own default)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise FastVLMError(f"--dtype takes one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def default_dtype() -> mx.Dtype:
     """float32 on the CPU backend, where half-precision matmuls bypass BLAS."""
     return mx.float32 if mx.default_device() == mx.cpu else mx.float16
