@@ -22,13 +22,11 @@ from mlx_lm.utils import save_model
 
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
-from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, is_hub_id, load, load_config,
-                               load_weights, parse_dtype)
+from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, check_tokenizer, is_hub_id, load,
+                               load_config, load_weights, parse_dtype)
 
 from .torch_pickle import load_torch_checkpoint
 
-TOKENIZER_EXTRAS = ("vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                    "generation_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
 
 
@@ -73,15 +71,7 @@ def check_source(path: Path) -> None:
         )
     if not (path / "config.json").is_file():
         raise FastVLMError(f"{path} has no config.json: not a model checkpoint")
-    has_tokenizer = (path / "tokenizer_config.json").is_file() and (
-        (path / "tokenizer.json").is_file()
-        or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
-    )
-    if not has_tokenizer:
-        raise FastVLMError(
-            f"{path} has no tokenizer (needs tokenizer_config.json and tokenizer.json "
-            "or vocab.json + merges.txt)"
-        )
+    check_tokenizer(path)
 
 
 def output_config(config: dict, model: nn.Module, bits: int | None, group_size: int) -> dict:
@@ -163,7 +153,7 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
             json.dumps(output_config(config, model, quantize, group_size), indent=2))
         (staging / "preprocessor_config.json").write_text(
             json.dumps(preprocessor_config(model.args.vision_config.image_size), indent=2))
-        for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+        for name in TOKENIZER_FILES + ("generation_config.json",):
             if (path / name).is_file():
                 shutil.copyfile(path / name, staging / name)
         if verify_output:

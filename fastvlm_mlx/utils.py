@@ -15,7 +15,8 @@ from .errors import FastVLMError
 from .fastvlm import Model, ModelArgs
 
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -74,9 +75,20 @@ def check_model_dir(path: Path) -> None:
             f"{path} has no *.safetensors weights (PyTorch .bin checkpoints need "
             "`fastvlm-mlx convert` first)"
         )
-    missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
-    if missing:
-        raise FastVLMError(f"{path} has no tokenizer ({', '.join(missing)} missing)")
+    check_tokenizer(path)
+
+
+def check_tokenizer(path: Path) -> None:
+    """A Qwen2 tokenizer: tokenizer_config.json with tokenizer.json or vocab.json + merges.txt."""
+    has = (path / "tokenizer_config.json").is_file() and (
+        (path / "tokenizer.json").is_file()
+        or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    )
+    if not has:
+        raise FastVLMError(
+            f"{path} has no tokenizer (needs tokenizer_config.json and tokenizer.json "
+            "or vocab.json + merges.txt)"
+        )
 
 
 def load_config(path: Path) -> dict:
