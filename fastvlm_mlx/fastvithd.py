@@ -8,8 +8,9 @@ weight mapping is mostly a prefix change (see fastvlm.sanitize_weights).
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,50 +66,94 @@ class VisionConfig:
 
 
 # Exact GELU needs erf, which the CPU backend evaluates one element at a time
-# (166 ms for 6.3 M values); this rational erf (Eigen's and XLA's float32 one,
-# within 2e-6 of it) is pure arithmetic and compiles into one kernel (22 ms).
-# Its coefficients go in as one array: as a dozen Python constants they split
-# the compiled kernel (48 ms).
+# (166 ms for 6.3 M values). Here it is Eigen's and XLA's float32 rational erf
+# (within 2e-6 of it), pure arithmetic, with 1/sqrt(2) and the 0.5 folded into
+# the coefficients and both polynomials in Estrin's form: that keeps the graph
+# within mx.compile's fusion depth (11), so it runs as one kernel, not three
+# (12.6 M values: 64 ms against 118 ms in Horner's form).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
           -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)
+          -1.60960333262415e-02)  # erf(z) = z P(z^2) / Q(z^2) on |z| <= 4
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
           -7.37332916720468e-03, -1.42647390514189e-02)
-_ERF_COEFFS = mx.array(_ERF_P + _ERF_Q)
+# In t = x^2: P(t / 2) / sqrt(2) / 2 and Q(t / 2), highest power first.
+_P = [c * 0.5 ** (len(_ERF_P) - i) * 0.5**0.5 for i, c in enumerate(_ERF_P)]
+_Q = [c * 0.5 ** (len(_ERF_Q) - 1 - i) for i, c in enumerate(_ERF_Q)]
+_CLIP = 4 * 2**0.5
 
 
 @mx.compile
-def _gelu_rational(x: mx.array, c: mx.array) -> mx.array:
-    z = mx.clip(x.astype(mx.float32) * 0.7071067811865476, -4.0, 4.0)
-    z2 = z * z
-    p = c[0]
-    for i in range(1, len(_ERF_P)):
-        p = p * z2 + c[i]
-    q = c[len(_ERF_P)]
-    for i in range(len(_ERF_P) + 1, len(c)):
-        q = q * z2 + c[i]
-    return (x * (0.5 + 0.5 * z * p / q)).astype(x.dtype)
+def _gelu_rational(x: mx.array) -> mx.array:
+    """0.5 x (1 + erf(x / sqrt(2))) = 0.5 x + x xc P(t) / Q(t), xc = clip(x), t = xc^2."""
+    xc = mx.clip(x, -_CLIP, _CLIP)
+    t = xc * xc
+    t2 = t * t
+    p = (_P[0] * t2 + (_P[1] * t + _P[2])) * (t2 * t2) + ((_P[3] * t + _P[4]) * t2 + (_P[5] * t + _P[6]))
+    q = (_Q[0] * t2 + (_Q[1] * t + _Q[2])) * t2 + (_Q[3] * t + _Q[4])
+    return 0.5 * x + (x * xc) * (p / q)
 
 
 def gelu(x: mx.array) -> mx.array:
     """GELU in its exact (erf) form, as the reference uses everywhere in the tower."""
-    return _gelu_rational(x, _ERF_COEFFS) if mx.default_device() == mx.cpu else nn.gelu(x)
+    if mx.default_device() != mx.cpu:
+        return nn.gelu(x)
+    return in_bands(lambda a, b: _gelu_rational(x[:, a:b]), x.shape[1])
+
+
+# MLX's CPU backend runs each elementwise kernel on one thread, and each stream on
+# a thread of its own: the tower's elementwise work is split into bands of rows,
+# one per core, each on its own stream (1.9x on the 2-core CI machine).
+_STREAMS: list[mx.Stream] = []
+
+
+def in_bands(band: Callable[[int, int], mx.array], rows: int) -> mx.array:
+    """band(start, stop) for one slice of axis 1 per CPU stream, joined on axis 1."""
+    if not _STREAMS:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores or 1, 8)))
+    n = min(len(_STREAMS), rows)
+    edges = [rows * i // n for i in range(n + 1)]
+    parts = []
+    for stream, a, b in zip(_STREAMS, edges, edges[1:]):
+        with mx.stream(stream):
+            parts.append(band(a, b))
+    return parts[0] if n == 1 else mx.concatenate(parts, axis=1)
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Module:
     """A reparameterized conv with bias, "same" padding; one input channel per group
-    makes it a DepthwiseConv2d."""
+    makes it a DepthwiseConv2d, a 1x1 kernel a PointwiseConv2d."""
     if groups == in_ch and groups > 1:
         return DepthwiseConv2d(in_ch, out_ch, kernel, stride)
+    if kernel == 1 and groups == 1 and stride == 1:
+        return PointwiseConv2d(in_ch, out_ch)
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups)
+
+
+class PointwiseConv2d(nn.Module):
+    """A 1x1 conv as one matmul over all pixels: on the CPU backend mx.conv2d's 1x1
+    path is 1.2-1.7x slower than the same product through BLAS. Keeps the conv
+    weight layout [O, 1, 1, I] of the checkpoints."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        scale = (1.0 / in_ch) ** 0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_ch, 1, 1, in_ch))
+        self.bias = mx.zeros((out_ch,))
+        self.stride = 1
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        y = mx.addmm(self.bias, x.reshape(-1, x.shape[-1]), w.T)
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class DepthwiseConv2d(nn.Module):
     """A conv with one input channel per group (out = m * in), the tower's workhorse.
 
-    On the CPU backend mx.conv2d's grouped kernel is about 3x slower than summing
-    k*k shifted copies of the input in one compiled kernel (7x7 on 64x64x384:
-    172 ms vs 59 ms), so there the sum is used; other backends keep mx.conv2d.
+    On the CPU backend mx.conv2d's grouped kernel is 3-4x slower than summing
+    k*k shifted copies of the input, so there the sum is used (see _shift_add);
+    other backends keep mx.conv2d.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1):
@@ -125,8 +170,14 @@ class DepthwiseConv2d(nn.Module):
         return mx.conv2d(x, self.weight, self.stride, k // 2, groups=x.shape[-1]) + self.bias
 
 
-@partial(mx.compile, shapeless=False)
 def _shift_add(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
+    """Depthwise conv as a sum of shifted windows times per-channel taps.
+
+    Three taps per compiled kernel: MLX's CPU kernels index each input through
+    its own strides, and past a handful of inputs that loop stops being fast
+    (7x7 on 128x128x192: all 49 taps in one kernel 113 ms, three per kernel
+    63 ms). Bands of output rows run on separate streams (see in_bands).
+    """
     out_ch, k = weight.shape[0], weight.shape[1]
     if out_ch != x.shape[-1]:
         x = mx.repeat(x, out_ch // x.shape[-1], axis=-1)  # output o reads input o // m
@@ -135,11 +186,26 @@ def _shift_add(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx
     W = (x.shape[2] + 2 * pad - k) // stride + 1
     x = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
     taps = weight[..., 0].transpose(1, 2, 0)  # [k, k, C]
-    out = bias
-    for i in range(k):
-        for j in range(k):
-            window = x[:, i : i + stride * (H - 1) + 1 : stride, j : j + stride * (W - 1) + 1 : stride]
-            out = out + window * taps[i, j]
+    offsets = [(i, j) for i in range(k) for j in range(k)]
+
+    def band(a: int, b: int) -> mx.array:
+        out = bias
+        for n in range(0, len(offsets), 3):
+            group = offsets[n : n + 3]
+            windows = [
+                x[:, i + stride * a : i + stride * (b - 1) + 1 : stride, j : j + stride * (W - 1) + 1 : stride]
+                for i, j in group
+            ]
+            out = _multiply_add(out, windows, [taps[i, j] for i, j in group])
+        return out
+
+    return in_bands(band, H)
+
+
+@mx.compile
+def _multiply_add(out: mx.array, windows: list[mx.array], taps: list[mx.array]) -> mx.array:
+    for window, tap in zip(windows, taps):
+        out = out + window * tap
     return out
 
 
@@ -262,7 +328,12 @@ class MHSA(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x.reshape(B, H * W, C))
         qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        out = mx.fast.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if mx.default_device() == mx.cpu:  # the CPU softmax is single-threaded: split the heads
+            out = in_bands(lambda a, b: mx.fast.scaled_dot_product_attention(
+                q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale), self.num_heads)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(B, H * W, C)
         return self.proj(out).reshape(B, H, W, C)
 
