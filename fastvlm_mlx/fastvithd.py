@@ -8,6 +8,7 @@ weight mapping is mostly a prefix change (see fastvlm.sanitize_weights).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -329,13 +330,51 @@ class MHSA(nn.Module):
         qkv = self.qkv(x.reshape(B, H * W, C))
         qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if mx.default_device() == mx.cpu:  # the CPU softmax is single-threaded: split the heads
-            out = in_bands(lambda a, b: mx.fast.scaled_dot_product_attention(
-                q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale), self.num_heads)
+        if mx.default_device() == mx.cpu:
+            out = in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], self.scale),
+                           self.num_heads)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(B, H * W, C)
         return self.proj(out).reshape(B, H, W, C)
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v with exp_shifted, normalized after the product with v."""
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    e = exp_shifted(s, s.max(axis=-1, keepdims=True))
+    return (e @ v) / e.sum(axis=-1, keepdims=True)
+
+
+# The CPU backend's exp calls a software fma six times a value (~12 ns), and
+# attention at 1024 px takes 100 M of them. For x <= shift, 2^((x - shift) log2 e)
+# is split into 2^f, |f| <= 1/2, a polynomial, times 2^r, r an integer written
+# straight into a float's exponent bits: two fused kernels and a multiply, 3.4x
+# faster than mx.exp and as accurate (3.5e-6 relative on scores spread over 90).
+_LOG2E = 1.4426950408889634
+_ROUND = 1.5 * 2**23  # x + _ROUND - _ROUND rounds x to an integer
+_EXP2 = [math.log(2) ** n / math.factorial(n) for n in range(8)]  # 2^f = sum (f ln2)^n / n!
+
+
+def exp_shifted(x: mx.array, shift: mx.array) -> mx.array:
+    """exp(x - shift) where x <= shift; values below e^-88 come out as 0."""
+    return _exp2_fraction(x, shift) * _exp2_integer(x, shift).view(mx.float32)
+
+
+@mx.compile
+def _exp2_fraction(x: mx.array, shift: mx.array) -> mx.array:
+    u = mx.maximum((x - shift) * _LOG2E, -127.0)
+    f = u - ((u + _ROUND) - _ROUND)
+    f2 = f * f
+    c = _EXP2
+    return ((c[7] * f + c[6]) * f2 + (c[5] * f + c[4])) * (f2 * f2) + (
+        (c[3] * f + c[2]) * f2 + (c[1] * f + c[0]))
+
+
+@mx.compile
+def _exp2_integer(x: mx.array, shift: mx.array) -> mx.array:
+    u = mx.maximum((x - shift) * _LOG2E, -127.0)
+    return mx.left_shift(((u + _ROUND) - _ROUND).astype(mx.int32) + 127, 23)
 
 
 class AttentionBlock(nn.Module):

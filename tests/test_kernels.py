@@ -1,0 +1,53 @@
+"""The CPU tower's hand-written kernels against MLX's own ops, at sizes and value
+ranges the fixture's tiny tower does not reach."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from fastvlm_mlx.fastvithd import DepthwiseConv2d, exp_shifted, gelu, in_bands, _attention
+
+
+def test_exp_shifted_matches_exp_over_the_float_range():
+    x = mx.concatenate([mx.linspace(-200.0, 0.0, 200_001), mx.array([-1e30, -math.inf])])
+    got = np.asarray(exp_shifted(x, mx.array(0.0)), dtype=np.float64)
+    want = np.exp(np.asarray(x, dtype=np.float64))
+    normal = want > 1.2e-38
+    assert np.all(np.isfinite(got)) and got[-1] == 0.0 and got[-2] == 0.0
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    # rounding x * log2(e) to float32 costs |x| * 6e-8, as it does in mx.exp
+    assert np.max(rel / (1 + np.abs(np.asarray(x)[normal]))) < 1.5e-7  # mx.exp: 7.2e-8
+    assert np.max(got[~normal]) < 1.2e-38  # underflow goes to 0, never to garbage
+    assert got[200_000] == 1.0
+    shifted = exp_shifted(mx.array([[1.5, -2.25, 7.0]]), mx.array([[7.0]]))
+    assert np.allclose(shifted, np.exp([-5.5, -9.25, 0.0]), rtol=5e-7, atol=0)
+
+
+def test_attention_matches_sdpa_on_peaked_scores():
+    q, k, v = (mx.random.normal((1, 4, 300, 32), key=mx.random.key(i)) for i in range(3))
+    q = q * 8  # scores spread over ~100: the softmax is nearly one-hot in places
+    got = in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], 32**-0.5), 4)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5)
+    assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride", [(8, 8, 7, 1), (8, 8, 3, 2), (8, 16, 7, 2)])
+def test_depthwise_shift_add_matches_conv2d(in_ch, out_ch, kernel, stride):
+    conv = DepthwiseConv2d(in_ch, out_ch, kernel, stride)
+    conv.bias = mx.random.normal((out_ch,))
+    x = mx.random.normal((1, 37, 29, in_ch))
+    want = mx.conv2d(mx.repeat(x, out_ch // in_ch, axis=-1), conv.weight, stride, kernel // 2,
+                     groups=out_ch) + conv.bias
+    got = conv(x)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5
+
+
+def test_gelu_matches_erf_form():
+    x = mx.linspace(-12.0, 12.0, 100_001).reshape(1, 1, -1, 1)
+    xs = np.asarray(x, dtype=np.float64).ravel()
+    want = 0.5 * xs * (1 + np.array([math.erf(v / math.sqrt(2)) for v in xs]))
+    got = np.asarray(gelu(x), dtype=np.float64).ravel()
+    assert np.max(np.abs(got - want)) < 3e-6
