@@ -37,7 +37,7 @@ from rich.table import Table
 
 from fastvlm_mlx.convert import convert
 from fastvlm_mlx.errors import FastVLMError, exit_codes
-from fastvlm_mlx.fastvithd import VisionConfig
+from fastvlm_mlx.fastvithd import AttentionBlock, RepMixerBlock, VisionConfig
 from fastvlm_mlx.fastvlm import HF_TOWER_PREFIX, Model
 from fastvlm_mlx.generate import prefill
 from fastvlm_mlx.processor import preprocess
@@ -86,10 +86,13 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
                             f"{prefix}.bn.running_var": ones - BN_EPS})
         elif value.ndim == 4:  # [O, kH, kW, I/g] -> [O, I/g, kH, kW]
             out[HF_TOWER_PREFIX + name] = value.transpose(0, 3, 1, 2)
-        elif ".layer_scale" in name:
-            out[HF_TOWER_PREFIX + name] = value.reshape(-1, 1, 1)
         else:
             out[HF_TOWER_PREFIX + name] = value
+    for name, block in model.vision_tower.named_modules():  # layer scales are folded: identity
+        leaves = {RepMixerBlock: ["layer_scale"], AttentionBlock: ["layer_scale_1", "layer_scale_2"]}
+        for leaf in leaves.get(type(block), []):
+            fc2 = block.convffn.fc2.weight
+            out[f"{HF_TOWER_PREFIX}{name}.{leaf}"] = mx.ones((fc2.shape[0], 1, 1), dtype=fc2.dtype)
     head = (model.args.vision_config.hidden_size, HEAD_DIM)
     out[HF_TOWER_PREFIX + "head.proj"] = mx.zeros(head, dtype=model.mm_projector.linear_1.weight.dtype)
     return out

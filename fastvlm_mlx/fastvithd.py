@@ -308,11 +308,10 @@ class RepMixerBlock(nn.Module):
         super().__init__()
         self.token_mixer = RepMixer(dims, kernel)
         self.convffn = ConvFFN(dims, int(dims * mlp_ratio))
-        self.layer_scale = mx.ones((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.token_mixer(x)
-        return x + self.layer_scale * self.convffn(x)
+        return x + self.convffn(x)  # layer_scale is folded into convffn.fc2
 
 
 class MHSA(nn.Module):
@@ -383,12 +382,11 @@ class AttentionBlock(nn.Module):
         self.norm = nn.LayerNorm(dims, eps=1e-5)  # LayerNormChannel: per pixel over C
         self.token_mixer = MHSA(dims, head_dim)
         self.convffn = ConvFFN(dims, int(dims * mlp_ratio))
-        self.layer_scale_1 = mx.ones((dims,))
-        self.layer_scale_2 = mx.ones((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.layer_scale_1 * self.token_mixer(self.norm(x))
-        return x + self.layer_scale_2 * self.convffn(x)
+        # layer_scale_1 and _2 are folded into token_mixer.proj and convffn.fc2
+        x = x + self.token_mixer(self.norm(x))
+        return x + self.convffn(x)
 
 
 class FastViTHD(nn.Module):

@@ -120,12 +120,40 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a published (HF/LLaVA, PyTorch layout) state dict to this model.
 
-        Weights already in MLX layout (no "model." keys) pass through. This is
-        the one mapping the converter uses too.
+        Weights already in MLX layout (no "model." keys) pass through, but for
+        layer scales, which both get folded. This is the one mapping the
+        converter uses too.
         """
         if any(k.startswith("model.") for k in weights):
-            return sanitize_hf_weights(weights)
-        return weights
+            weights = sanitize_hf_weights(weights)
+        return fold_layer_scales(weights)
+
+
+# Each layer scale multiplies a branch that ends in a linear layer: folded into it.
+LAYER_SCALE_TARGETS = {"layer_scale": "convffn.fc2", "layer_scale_1": "token_mixer.proj",
+                       "layer_scale_2": "convffn.fc2"}
+
+
+def fold_layer_scales(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Scale the rows of each layer scale's linear layer by it and drop it.
+
+    Like the BatchNorm folds, the products stay float32: rounded back to a
+    bfloat16 checkpoint's dtype they moved the fixture's image features by 2e-3.
+    """
+    out = dict(weights)
+    for key in weights:
+        block, leaf = key.rsplit(".", 1)
+        if leaf not in LAYER_SCALE_TARGETS:
+            continue
+        scale = out.pop(key).astype(mx.float32).reshape(-1)
+        for param in ("weight", "bias"):
+            name = f"{block}.{LAYER_SCALE_TARGETS[leaf]}.{param}"
+            if name not in out:
+                raise FastVLMError(f"checkpoint has {key} but not {name}")
+            value = out[name]
+            factor = scale.reshape(-1, *[1] * (value.ndim - 1))
+            out[name] = value.astype(mx.float32) * factor
+    return out
 
 
 def sanitize_hf_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -143,8 +171,6 @@ def sanitize_hf_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
                 continue
             if value.ndim == 4:
                 value = value.transpose(0, 2, 3, 1)  # [O, I/g, kH, kW] -> [O, kH, kW, I/g]
-            elif ".layer_scale" in name:
-                value = value.reshape(-1)
             out["vision_tower." + name] = value
         elif key.startswith("model.mm_projector."):
             index, leaf = key[len("model.mm_projector."):].split(".", 1)
