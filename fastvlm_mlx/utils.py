@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import FastVLMError
-from .fastvlm import Model, ModelArgs
+from .fastvlm import Model, ModelArgs, compute_dtype
 
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -119,7 +119,10 @@ def load_weights(path: Path) -> dict[str, mx.array]:
 
 def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
     """Build the model from config.json and load its weights in either layout."""
-    return build_model(load_config(path), load_weights(path), dtype or default_dtype(), path)
+    dtype = dtype or default_dtype()
+    model = build_model(load_config(path), load_weights(path), dtype, path)
+    model.vision_tower.set_dtype(compute_dtype(dtype))
+    return model
 
 
 def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None,
