@@ -103,7 +103,7 @@ def gelu(x: mx.array) -> mx.array:
 
 # MLX's CPU backend runs each elementwise kernel on one thread, and each stream on
 # a thread of its own: the tower's elementwise work is split into bands of rows,
-# one per core, each on its own stream (1.9x on the 2-core CI machine).
+# one per core, each on its own stream (1.9x on 2 cores).
 _STREAMS: list[mx.Stream] = []
 
 
