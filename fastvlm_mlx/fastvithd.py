@@ -69,9 +69,9 @@ class VisionConfig:
 # Exact GELU needs erf, which the CPU backend evaluates one element at a time
 # (166 ms for 6.3 M values). Here it is Eigen's and XLA's float32 rational erf
 # (within 2e-6 of it), pure arithmetic, with 1/sqrt(2) and the 0.5 folded into
-# the coefficients and both polynomials in Estrin's form: that keeps the graph
-# within mx.compile's fusion depth (11), so it runs as one kernel, not three
-# (12.6 M values: 64 ms against 118 ms in Horner's form).
+# the coefficients and both polynomials in Estrin's form: that keeps the graph,
+# bias add included, within mx.compile's fusion depth (11), so it runs as one
+# kernel, not three (12.6 M values: 64 ms against 118 ms in Horner's form).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
           -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
           -1.60960333262415e-02)  # erf(z) = z P(z^2) / Q(z^2) on |z| <= 4
@@ -84,10 +84,11 @@ _CLIP = 4 * 2**0.5
 
 
 @mx.compile
-def _gelu_rational(x: mx.array) -> mx.array:
-    """0.5 x (1 + erf(x / sqrt(2))) = 0.5 x + x xc P(t) / Q(t), xc = clip(x), t = xc^2."""
+def _gelu_rational(x: mx.array, bias: mx.array) -> mx.array:
+    """GELU(x + bias): 0.5 x + x xc P(t) / Q(t), xc = clip(x), t = xc^2."""
+    x = x + bias
     xc = mx.clip(x, -_CLIP, _CLIP)
-    t = xc * xc
+    t = mx.minimum(x * x, _CLIP * _CLIP)
     t2 = t * t
     p = (_P[0] * t2 + (_P[1] * t + _P[2])) * (t2 * t2) + ((_P[3] * t + _P[4]) * t2 + (_P[5] * t + _P[6]))
     q = (_Q[0] * t2 + (_Q[1] * t + _Q[2])) * t2 + (_Q[3] * t + _Q[4])
@@ -98,7 +99,10 @@ def gelu(x: mx.array) -> mx.array:
     """GELU in its exact (erf) form, as the reference uses everywhere in the tower."""
     if mx.default_device() != mx.cpu:
         return nn.gelu(x)
-    return in_bands(lambda a, b: _gelu_rational(x[:, a:b]), x.shape[1])
+    return joined(in_bands(lambda a, b: _gelu_rational(x[:, a:b], _ZERO), x.shape[1]))
+
+
+_ZERO = mx.array(0.0)
 
 
 # MLX's CPU backend runs each elementwise kernel on one thread, and each stream on
@@ -107,8 +111,8 @@ def gelu(x: mx.array) -> mx.array:
 _STREAMS: list[mx.Stream] = []
 
 
-def in_bands(band: Callable[[int, int], mx.array], rows: int) -> mx.array:
-    """band(start, stop) for one slice of axis 1 per CPU stream, joined on axis 1."""
+def in_bands(band: Callable[[int, int], mx.array], rows: int) -> list[mx.array]:
+    """band(start, stop) for one slice of axis 1 per CPU stream."""
     if not _STREAMS:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores or 1, 8)))
@@ -118,7 +122,12 @@ def in_bands(band: Callable[[int, int], mx.array], rows: int) -> mx.array:
     for stream, a, b in zip(_STREAMS, edges, edges[1:]):
         with mx.stream(stream):
             parts.append(band(a, b))
-    return parts[0] if n == 1 else mx.concatenate(parts, axis=1)
+    return parts
+
+
+def joined(parts: list[mx.array]) -> mx.array:
+    """Bands back into one array along axis 1."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Module:
@@ -147,6 +156,11 @@ class PointwiseConv2d(nn.Module):
         w = self.weight.reshape(self.weight.shape[0], -1)
         y = mx.addmm(self.bias, x.reshape(-1, x.shape[-1]), w.T)
         return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def project(self, x: mx.array) -> mx.array:
+        """The product without the bias, for a consumer that adds it in its own kernel."""
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
 
 
 class DepthwiseConv2d(nn.Module):
@@ -200,7 +214,7 @@ def _shift_add(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx
             out = _multiply_add(out, windows, [taps[i, j] for i, j in group])
         return out
 
-    return in_bands(band, H)
+    return joined(in_bands(band, H))
 
 
 @mx.compile
@@ -300,7 +314,14 @@ class ConvFFN(nn.Module):
         self.fc2 = conv(hidden, dims, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(self.conv(x))))
+        x = self.conv(x)
+        if mx.default_device() != mx.cpu:
+            return self.fc2(nn.gelu(self.fc1(x)))
+        # fc1's bias joins the GELU kernel and fc2 runs on each band, so the
+        # 4x-wide hidden map is never copied (tower: 6.16 s -> 5.84 s).
+        h = self.fc1.project(x)
+        hidden = in_bands(lambda a, b: _gelu_rational(h[:, a:b], self.fc1.bias), h.shape[1])
+        return joined([self.fc2(g) for g in hidden])
 
 
 class RepMixerBlock(nn.Module):
@@ -330,8 +351,8 @@ class MHSA(nn.Module):
         qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if mx.default_device() == mx.cpu:
-            out = in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], self.scale),
-                           self.num_heads)
+            out = joined(in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], self.scale),
+                                  self.num_heads))
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(B, H * W, C)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from fastvlm_mlx.fastvithd import DepthwiseConv2d, exp_shifted, gelu, in_bands, _attention
+from fastvlm_mlx.fastvithd import DepthwiseConv2d, _attention, exp_shifted, gelu, in_bands, joined
 
 
 def test_exp_shifted_matches_exp_over_the_float_range():
@@ -28,7 +28,7 @@ def test_exp_shifted_matches_exp_over_the_float_range():
 def test_attention_matches_sdpa_on_peaked_scores():
     q, k, v = (mx.random.normal((1, 4, 300, 32), key=mx.random.key(i)) for i in range(3))
     q = q * 8  # scores spread over ~100: the softmax is nearly one-hot in places
-    got = in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], 32**-0.5), 4)
+    got = joined(in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], 32**-0.5), 4))
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5)
     assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
 
