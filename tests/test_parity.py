@@ -6,6 +6,7 @@ from mlx.utils import tree_flatten
 
 from conftest import CHECKPOINT, IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, load
+from fastvlm_mlx.fastvlm import sanitize_hf_weights
 from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, load_image, preprocess, tokenize
 
 
@@ -58,6 +59,20 @@ def test_mlx_layout_roundtrip(tiny, reference, tmp_path):
     features = again.encode_image(preprocess(load_image(IMAGE), 256))
     logits = again.language_model(None, input_embeddings=again.embed(ids, features))
     assert rel_err(logits[0, -1], reference["prefill_logits"]) <= 1e-4
+
+
+def test_mlx_layout_with_layer_scales_still_loads(reference, tmp_path):
+    """Directories converted before layer scales were folded keep them as weights:
+    the loader folds them, and the features still match the reference."""
+    for f in CHECKPOINT.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = sanitize_hf_weights(mx.load(str(CHECKPOINT / "model.safetensors")))
+    assert any(k.endswith(".layer_scale_1") for k in weights)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    model, _ = load(tmp_path, dtype=mx.float32)
+    pixels = mx.array(np.asarray(reference["pixel_values"]).transpose(0, 2, 3, 1))
+    assert rel_err(model.encode_image(pixels), reference["image_features"]) <= 1e-4
 
 
 def test_other_backends_path_agrees(tiny, reference, monkeypatch):
