@@ -23,7 +23,6 @@ from .harness import (DECODERS, Result, check_request, dtype_name, environment, 
 from .report import Report, check_matplotlib, ms, plot, render, write_json
 
 
-
 def parse_resolutions(resolution: Optional[int], resolutions: Optional[str]) -> Optional[list[int]]:
     if resolution is not None and resolutions is not None:
         raise FastVLMError("give --resolution or --resolutions, not both")

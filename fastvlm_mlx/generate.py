@@ -285,6 +285,7 @@ class Chat:
             return slot
         return min(offset - self.visual_tokens + 1, len(ids))
 
+
 def stream_generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,
                     max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     system: str = DEFAULT_SYSTEM, resolution: int | None = None,
