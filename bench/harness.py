@@ -267,9 +267,9 @@ def measure(model: Model, ids: list[int], resolutions: list[int], runs: int, war
     """Time warmup + runs requests per resolution; yield (its result so far, run index) after each.
 
     A generator so the caller can show progress and, on Ctrl-C, keep what it
-    has been given: every yielded Result holds only completed runs.
+    has been given: every yielded Result holds only completed runs. The request
+    must have passed check_request, which the caller runs before any slow setup.
     """
-    check_request(model, resolutions, ids, max_tokens)
     image = synthetic_image()
     for resolution in resolutions:
         mx.reset_peak_memory()

@@ -25,7 +25,7 @@ from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
 from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, check_tokenizer, is_hub_id, load,
                                load_config, load_weights, parse_dtype)
 
-from .torch_pickle import load_torch_checkpoint
+from .torch_pickle import INDEX_NAME, load_torch_checkpoint
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
 
@@ -49,8 +49,8 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     """All tensors of a checkpoint directory: safetensors first, else torch pickles."""
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         return load_weights(path)
-    if (path / "pytorch_model.bin.index.json").is_file():
-        return load_torch_checkpoint(path / "pytorch_model.bin.index.json")
+    if (path / INDEX_NAME).is_file():
+        return load_torch_checkpoint(path / INDEX_NAME)
     pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
     if not pickles:
         raise FastVLMError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin or *.pt)")

@@ -23,7 +23,6 @@ import numpy as np
 from fastvlm_mlx.errors import FastVLMError
 
 INDEX_NAME = "pytorch_model.bin.index.json"
-SINGLE_NAME = "pytorch_model.bin"
 
 # What torch < 1.6 (or _use_new_zipfile_serialization=False) writes first: a pickled magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -172,15 +171,8 @@ def _load_file(path: Path) -> dict[str, mx.array]:
 
 
 def load_torch_checkpoint(path: str | Path) -> dict[str, mx.array]:
-    """Load a torch checkpoint: one ``.bin``/``.pt`` file, a shard index json, or a directory holding either."""
+    """Load a torch checkpoint: one ``.bin``/``.pt`` file or a shard index json."""
     path = Path(path)
-    if path.is_dir():
-        if (path / INDEX_NAME).is_file():
-            path = path / INDEX_NAME
-        elif (path / SINGLE_NAME).is_file():
-            path = path / SINGLE_NAME
-        else:
-            raise FastVLMError(f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}")
     if path.suffix != ".json":
         return _load_file(path)
     try:
