@@ -51,3 +51,7 @@ def test_gelu_matches_erf_form():
     want = 0.5 * xs * (1 + np.array([math.erf(v / math.sqrt(2)) for v in xs]))
     got = np.asarray(gelu(x), dtype=np.float64).ravel()
     assert np.max(np.abs(got - want)) < 3e-6
+    # Past the clip GELU(x) is x or 0 in float32; the clip must not lose that to rounding.
+    big = np.array([1e3, 1e8, 1e30, -1e3, -1e8, -1e30])
+    got = np.asarray(gelu(mx.array(big).reshape(1, 1, -1, 1)), dtype=np.float64).ravel()
+    assert np.all(np.abs(got - np.maximum(big, 0)) <= 1e-6 * np.abs(big))
