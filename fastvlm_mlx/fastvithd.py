@@ -371,41 +371,49 @@ class MHSA(nn.Module):
 
 
 def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v with exp_shifted, normalized after the product with v."""
-    s = (q * scale) @ k.swapaxes(-1, -2)
-    e = exp_shifted(s, s.max(axis=-1, keepdims=True))
-    return (e @ v) / e.sum(axis=-1, keepdims=True)
+    """softmax(q k^T * scale) v with exp_shifted, normalized after the product with v.
+
+    The scores are built transposed, keys by queries: each query's max then varies
+    along the contiguous axis, which the compiled exp kernel vectorizes (a per-row
+    max has stride 0 there and forces the scalar loop), and the max and sum reduce
+    across rows, 4x faster than along them (one band of 12 heads at 32x32: 82 ms
+    as rows, 41 ms transposed).
+    """
+    s = (k * scale) @ q.swapaxes(-1, -2)
+    e = exp_shifted(s, s.max(axis=-2, keepdims=True))
+    return (e.swapaxes(-1, -2) @ v) / e.sum(axis=-2)[..., None]
 
 
 # The CPU backend's exp calls a software fma six times a value (~12 ns), and
 # attention at 1024 px takes 100 M of them. For x <= shift, 2^((x - shift) log2 e)
 # is split into 2^f, |f| <= 1/2, a polynomial, times 2^r, r an integer written
-# straight into a float's exponent bits: two fused kernels and a multiply, 3.4x
-# faster than mx.exp and as accurate (3.5e-6 relative on scores spread over 90).
+# straight into a float's exponent bits. r is clamped at -127 as an integer: a
+# float maximum tests for NaN, which keeps g++ from vectorizing the kernel.
 _LOG2E = 1.4426950408889634
 _ROUND = 1.5 * 2**23  # x + _ROUND - _ROUND rounds x to an integer
 _EXP2 = [math.log(2) ** n / math.factorial(n) for n in range(8)]  # 2^f = sum (f ln2)^n / n!
 
 
 def exp_shifted(x: mx.array, shift: mx.array) -> mx.array:
-    """exp(x - shift) where x <= shift; values below e^-88 come out as 0."""
-    return _exp2_fraction(x, shift) * _exp2_integer(x, shift).view(mx.float32)
+    """exp(x - shift) for finite x <= shift; values below e^-88 come out as 0."""
+    fraction, exponent = _exp2_parts(x, shift)
+    return fraction * exponent.view(mx.float32)
 
 
 @mx.compile
-def _exp2_fraction(x: mx.array, shift: mx.array) -> mx.array:
-    u = mx.maximum((x - shift) * _LOG2E, -127.0)
-    f = u - ((u + _ROUND) - _ROUND)
+def _exp2_parts(x: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
+    u = (x - shift) * _LOG2E
+    # |u| < 2^32, so rounding leaves |f| <= 256 and the polynomial finite; the
+    # change is below float32 rounding wherever exp(u) is not 0 anyway.
+    u = u / (1.0 + mx.abs(u) * 2.0**-32)
+    r = (u + _ROUND) - _ROUND
+    f = u - r
     f2 = f * f
     c = _EXP2
-    return ((c[7] * f + c[6]) * f2 + (c[5] * f + c[4])) * (f2 * f2) + (
+    fraction = ((c[7] * f + c[6]) * f2 + (c[5] * f + c[4])) * (f2 * f2) + (
         (c[3] * f + c[2]) * f2 + (c[1] * f + c[0]))
-
-
-@mx.compile
-def _exp2_integer(x: mx.array, shift: mx.array) -> mx.array:
-    u = mx.maximum((x - shift) * _LOG2E, -127.0)
-    return mx.left_shift(((u + _ROUND) - _ROUND).astype(mx.int32) + 127, 23)
+    # r below the int32 range converts to INT_MIN (x86 and ARM alike), then clamps
+    return fraction, mx.left_shift(mx.maximum(r.astype(mx.int32), -127) + 127, 23)
 
 
 class AttentionBlock(nn.Module):

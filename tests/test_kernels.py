@@ -11,11 +11,11 @@ from fastvlm_mlx.fastvithd import DepthwiseConv2d, _attention, exp_shifted, gelu
 
 
 def test_exp_shifted_matches_exp_over_the_float_range():
-    x = mx.concatenate([mx.linspace(-200.0, 0.0, 200_001), mx.array([-1e30, -math.inf])])
+    x = mx.concatenate([mx.linspace(-200.0, 0.0, 200_001), -(10.0 ** mx.linspace(3, 38, 1000))])
     got = np.asarray(exp_shifted(x, mx.array(0.0)), dtype=np.float64)
     want = np.exp(np.asarray(x, dtype=np.float64))
     normal = want > 1.2e-38
-    assert np.all(np.isfinite(got)) and got[-1] == 0.0 and got[-2] == 0.0
+    assert np.all(np.isfinite(got)) and np.all(got[200_001:] == 0.0)
     rel = np.abs(got[normal] - want[normal]) / want[normal]
     # rounding x * log2(e) to float32 costs |x| * 6e-8, as it does in mx.exp
     assert np.max(rel / (1 + np.abs(np.asarray(x)[normal]))) < 1.5e-7  # mx.exp: 7.2e-8
