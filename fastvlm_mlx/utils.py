@@ -40,8 +40,8 @@ def keep_freed_buffers() -> None:
     """Let MLX's CPU allocator reuse freed buffers instead of mapping new pages.
 
     Its default cache keeps 32 MB, so every large temporary of the vision tower
-    is mapped and page-faulted afresh: 6.9 s -> 6.2 s for the 1024 px tower
-    on a 2-core x86 machine. A quarter of physical memory bounds what it keeps.
+    is mapped and page-faulted afresh (1024 px tower, 2-core x86 machine: 6.4-6.7 s
+    without, 4.3-4.5 s with). A quarter of physical memory bounds what it keeps.
     """
     if mx.default_device() == mx.cpu:
         mx.set_cache_limit(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
