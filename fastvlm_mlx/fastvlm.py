@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from .errors import FastVLMError
-from .fastvithd import FastViTHD, VisionConfig
+from .fastvithd import FastViTHD, VisionConfig, exp_shifted
 
 IMAGE_TOKEN_INDEX = -200  # the reference's marker for the image slot in input ids
 MODEL_TYPES = ("llava_qwen2", "fastvlm")
@@ -75,6 +75,29 @@ class Projector(nn.Module):
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
+class MLP(qwen2.MLP):
+    """Qwen2's MLP, down(silu(gate) * up). On the CPU backend mx.sigmoid runs a
+    scalar software exp (a 304-token prefill of the 0.5B decoder: 24 ms a layer),
+    so there silu is built on exp_shifted instead (2.9 ms)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        gate = self.gate_proj(x)
+        return self.down_proj(_silu_times(gate, exp_shifted(-mx.abs(gate), _ZERO), self.up_proj(x)))
+
+
+_ZERO = mx.array(0.0)
+
+
+@mx.compile
+def _silu_times(g: mx.array, e: mx.array, u: mx.array) -> mx.array:
+    """silu(g) u for e = exp(-|g|): (max(g, 0) + min(g, 0) e) / (1 + e) u, with max and
+    min as (g + |g|) / 2 and (g - |g|) / 2, which are exact and keep the kernel vectorized."""
+    a = mx.abs(g)
+    return (0.5 * ((g + a) + (g - a) * e) / (1 + e)) * u
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -82,6 +105,9 @@ class Model(nn.Module):
         self.vision_tower = FastViTHD(args.vision_config)
         self.mm_projector = Projector(args.mm_hidden_size, args.text_config.hidden_size)
         self.language_model = qwen2.Model(args.text_config)
+        text = args.text_config
+        for layer in self.language_model.layers:
+            layer.mlp = MLP(text.hidden_size, text.intermediate_size)
 
     def encode_image(self, pixels: mx.array) -> mx.array:
         """[1, H, W, 3] in [0, 1] -> projected image features [1, N, d]."""

@@ -55,3 +55,19 @@ def test_gelu_matches_erf_form():
     big = np.array([1e3, 1e8, 1e30, -1e3, -1e8, -1e30])
     got = np.asarray(gelu(mx.array(big).reshape(1, 1, -1, 1)), dtype=np.float64).ravel()
     assert np.all(np.abs(got - np.maximum(big, 0)) <= 1e-6 * np.abs(big))
+
+
+def test_decoder_mlp_silu_matches_mlx_lm():
+    from mlx_lm.models import qwen2
+
+    from fastvlm_mlx.fastvlm import MLP, _silu_times
+
+    g = mx.concatenate([mx.linspace(-30.0, 30.0, 100_001), mx.array([-1e30, -1e8, 1e8, 1e30])])
+    gs = np.asarray(g, dtype=np.float64)
+    want = gs * 0.5 * (1 + np.tanh(gs / 2))  # silu, without overflow
+    got = np.asarray(_silu_times(g, exp_shifted(-mx.abs(g), mx.array(0.0)), mx.ones_like(g)), dtype=np.float64)
+    assert np.all(np.abs(got - want) <= 1e-6 * np.maximum(np.abs(want), 1e-2))
+    mlp = MLP(64, 256)
+    x = mx.random.normal((1, 7, 64), key=mx.random.key(3)) * 4
+    want = qwen2.MLP.__call__(mlp, x)  # mlx-lm's own swiglu
+    assert mx.abs(mlp(x) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
