@@ -20,7 +20,7 @@ HF_TOWER_PREFIX = "model.vision_tower.vision_tower.model."
 def compute_dtype(weights: mx.Dtype) -> mx.Dtype:
     """What activations run in: float32 on the CPU backend whatever the weights' dtype,
     since half precision has neither BLAS nor fast kernels there (a float16 prefill of
-    304 tokens on the 0.5B decoder: 55 s, against 2.2 s in float32); elsewhere the
+    304 tokens on the 0.5B decoder: 55 s, against 1.7 s in float32); elsewhere the
     weights' own dtype. Half-precision weights still halve the decoder's memory.
     The vision tower is loaded in this dtype: converting float16 weights at every
     op made the 1024 px tower 1.4x slower on a 2-core x86 CPU (9.2 s against 6.6 s)
