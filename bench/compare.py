@@ -51,6 +51,7 @@ MISSING = "the mlx-vlm comparison needs mlx-vlm: pip install -e '.[compare]'"
 SAMPLES = ("vision_s", "prefill_s", "ttft_s")
 HEAD_DIM = 768  # mobileclip_l's CLIP head (head.proj [3072, 768]): unused, but published
 BN_EPS = 1e-5
+LAYER_SCALES = {RepMixerBlock: ["layer_scale"], AttentionBlock: ["layer_scale_1", "layer_scale_2"]}
 
 
 def require_mlx_vlm() -> None:
@@ -89,8 +90,7 @@ def hf_weights(model: Model) -> dict[str, mx.array]:
         else:
             out[HF_TOWER_PREFIX + name] = value
     for name, block in model.vision_tower.named_modules():  # layer scales are folded: identity
-        leaves = {RepMixerBlock: ["layer_scale"], AttentionBlock: ["layer_scale_1", "layer_scale_2"]}
-        for leaf in leaves.get(type(block), []):
+        for leaf in LAYER_SCALES.get(type(block), []):
             fc2 = block.convffn.fc2.weight
             out[f"{HF_TOWER_PREFIX}{name}.{leaf}"] = mx.ones((fc2.shape[0], 1, 1), dtype=fc2.dtype)
     head = (model.args.vision_config.hidden_size, HEAD_DIM)

@@ -89,15 +89,13 @@ def gelu(x: mx.array) -> mx.array:
     """GELU in its exact (erf) form, as the reference uses everywhere in the tower."""
     if mx.default_device() != mx.cpu:
         return nn.gelu(x)
-    return joined(in_bands(lambda a, b: _gelu_rational(x[:, a:b], _ZERO), x.shape[1]))
+    return joined(in_bands(lambda a, b: _gelu_rational(x[:, a:b], 0.0), x.shape[1]))
 
 
-_ZERO = mx.array(0.0)
-
-
-def _gelu_rational(x: mx.array, bias: mx.array) -> mx.array:
+def _gelu_rational(x: mx.array, bias: mx.array | float) -> mx.array:
     """GELU(x + bias) = 0.5 x + |x| w P(t) / Q(t), w = 2 min(|x|, clip), t = w^2; x finite.
 
+    Each kernel adds the bias itself, which costs less than writing x + bias out.
     w stays alive until the second kernel is done: MLX would otherwise write that
     kernel's output over w, and with a broadcast bias an in-place loop is not
     vectorized.
@@ -107,14 +105,14 @@ def _gelu_rational(x: mx.array, bias: mx.array) -> mx.array:
 
 
 @mx.compile
-def _clip_twice(x: mx.array, bias: mx.array) -> mx.array:
+def _clip_twice(x: mx.array, bias: mx.array | float) -> mx.array:
     """2 min(|x + bias|, clip), as 2 clip - 2 max(d, 0) with max(d, 0) = (d + |d|) / 2: exact."""
     d = _CLIP - mx.abs(x + bias)
     return 2 * _CLIP - (d + mx.abs(d))
 
 
 @mx.compile
-def _gelu_erf_part(x: mx.array, bias: mx.array, w: mx.array) -> mx.array:
+def _gelu_erf_part(x: mx.array, bias: mx.array | float, w: mx.array) -> mx.array:
     x = x + bias
     # 1e-6 keeps t^4 times the small high-order coefficients out of subnormal range
     # (2x slower there); it moves erf by less than 1e-7.
@@ -410,14 +408,14 @@ _ROUND = 1.5 * 2**23  # x + _ROUND - _ROUND rounds x to an integer
 _EXP2 = [math.log(2) ** n / math.factorial(n) for n in range(8)]  # 2^f = sum (f ln2)^n / n!
 
 
-def exp_shifted(x: mx.array, shift: mx.array) -> mx.array:
+def exp_shifted(x: mx.array, shift: mx.array | float) -> mx.array:
     """exp(x - shift) for finite x <= shift; values below e^-88 come out as 0."""
     fraction, exponent = _exp2_parts(x, shift)
     return fraction * exponent.view(mx.float32)
 
 
 @mx.compile
-def _exp2_parts(x: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
+def _exp2_parts(x: mx.array, shift: mx.array | float) -> tuple[mx.array, mx.array]:
     u = (x - shift) * _LOG2E
     # |u| < 2^32, so rounding leaves |f| <= 256 and the polynomial finite; the
     # change is below float32 rounding wherever exp(u) is not 0 anyway.

@@ -84,10 +84,7 @@ class MLP(qwen2.MLP):
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
         gate = self.gate_proj(x)
-        return self.down_proj(_silu_times(gate, exp_shifted(-mx.abs(gate), _ZERO), self.up_proj(x)))
-
-
-_ZERO = mx.array(0.0)
+        return self.down_proj(_silu_times(gate, exp_shifted(-mx.abs(gate), 0.0), self.up_proj(x)))
 
 
 @mx.compile
