@@ -7,20 +7,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fastvlm_mlx.errors import FastVLMError, exit_codes
-from fastvlm_mlx.fastv import FastV
-from fastvlm_mlx.fastvlm import Model
-from fastvlm_mlx.utils import default_dtype, load, parse_dtype
 
-from .flops import matmul_peak
-from .harness import (DECODERS, Result, check_request, dtype_name, environment, measure,
-                      model_info, prompt_ids, random_config, random_model)
-from .report import Report, check_matplotlib, ms, plot, render, write_json
+# The model stack is imported by the command itself, so that --help stays instant.
 
 
 def parse_resolutions(resolution: Optional[int], resolutions: Optional[str]) -> Optional[list[int]]:
@@ -36,9 +27,29 @@ def parse_resolutions(resolution: Optional[int], resolutions: Optional[str]) -> 
         raise FastVLMError(f"--resolutions takes comma-separated integers, got {resolutions!r}") from None
 
 
-def load_model(model: Optional[str], random_size: Optional[str],
-               dtype: mx.Dtype) -> tuple[Model, object, str, float]:
+def check_outputs(json_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """Fail now, not after the sweep, on an output that cannot be written."""
+    from .report import check_matplotlib
+
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise FastVLMError(f"{flag} {path} is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise FastVLMError(f"{flag} {path}: the directory {path.parent} does not exist")
+    if plot_path is not None:
+        if plot_path.suffix.lower() != ".png":
+            raise FastVLMError(f"--plot writes a PNG: give a name ending in .png, got {plot_path}")
+        check_matplotlib()
+
+
+def load_model(model: Optional[str], random_size: Optional[str], dtype):
     """The model to time, its tokenizer (None for random weights), what it is, and its load time."""
+    from fastvlm_mlx.utils import load
+
+    from .harness import DECODERS, random_config, random_model
+
     if model is not None and random_size is not None:
         raise FastVLMError("give --model or --random, not both")
     if random_size is not None and random_size not in DECODERS:
@@ -74,15 +85,21 @@ def bench(
     against its FLOPs and a measured matmul peak. Without --model the weights
     are random in the published shapes: latency does not depend on their values.
     """
+    from rich.console import Console
+
+    from fastvlm_mlx.fastv import FastV
+    from fastvlm_mlx.utils import default_dtype, keep_freed_buffers, parse_dtype
+
+    from .flops import matmul_peak
+    from .harness import check_request, dtype_name, environment, model_info, prompt_ids
+    from .report import Report, plot, render, write_json
+
+    keep_freed_buffers()
     err = Console(stderr=True, soft_wrap=True)
     with exit_codes():
         mx_dtype = parse_dtype(dtype) or default_dtype()
         sweep = parse_resolutions(resolution, resolutions)
-        for flag, path in (("--json", json_path), ("--plot", plot_path)):
-            if path is not None and not path.parent.is_dir():  # fail now, not after the sweep
-                raise FastVLMError(f"{flag} {path}: the directory {path.parent} does not exist")
-        if plot_path is not None:
-            check_matplotlib()
+        check_outputs(json_path, plot_path)
         vlm, tokenizer, source, load_s = load_model(model, random_size, mx_dtype)
         pruning = FastV.parse(fastv, vlm.args.text_config.num_hidden_layers) if fastv else None
         ids = prompt_ids(tokenizer, prompt_tokens, vlm.args.text_config.vocab_size)
@@ -116,9 +133,14 @@ def bench(
             raise typer.Exit(130)
 
 
-def _sweep(model: Model, ids: list[int], sweep: list[int], runs: int, warmup: int, max_tokens: int,
-           fastv: FastV | None, results: list[Result], err: Console) -> None:
+def _sweep(model, ids: list[int], sweep: list[int], runs: int, warmup: int, max_tokens: int,
+           fastv, results: list, err) -> None:
     """Run the sweep into `results` with a progress bar and a line per run on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .harness import measure
+    from .report import ms
+
     plan = [(r, i) for r in sweep for i in range(warmup + runs)]
 
     def label(resolution: int, i: int) -> str:

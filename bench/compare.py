@@ -39,13 +39,13 @@ from fastvlm_mlx.convert import convert
 from fastvlm_mlx.errors import FastVLMError, exit_codes
 from fastvlm_mlx.fastvithd import AttentionBlock, RepMixerBlock, VisionConfig
 from fastvlm_mlx.fastvlm import HF_TOWER_PREFIX, Model
-from fastvlm_mlx.generate import prefill
+from fastvlm_mlx.generation import prefill
 from fastvlm_mlx.processor import preprocess
-from fastvlm_mlx.utils import keep_freed_buffers, load_model, parse_dtype
+from fastvlm_mlx.utils import BLAS_HINT, keep_freed_buffers, load_model, parse_dtype
 
 from .cli import parse_resolutions
 from .harness import dtype_name, environment, prompt_ids, random_config, random_model, synthetic_image
-from .report import BLAS_HINT, ms
+from .report import ms
 
 MISSING = "the mlx-vlm comparison needs mlx-vlm: pip install -e '.[compare]'"
 SAMPLES = ("vision_s", "prefill_s", "ttft_s")

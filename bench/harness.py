@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -28,8 +27,10 @@ from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvithd import RepCPE, RepMixer
 from fastvlm_mlx.fastv import FastV
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs, compute_dtype
-from fastvlm_mlx.generate import prefill
-from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, preprocess, tokenize
+from fastvlm_mlx.generation import prefill
+from fastvlm_mlx.defaults import DEFAULT_SYSTEM
+from fastvlm_mlx.processor import first_turn, preprocess
+from fastvlm_mlx.utils import blas_library
 
 from .flops import decoder_flops, projector_flops, vision_flops
 
@@ -103,14 +104,14 @@ def prompt_ids(tokenizer, text_tokens: int, vocab_size: int) -> list[int]:
         ids = np.random.default_rng(0).integers(0, vocab_size, text_tokens).tolist()
         half = text_tokens // 2
         return ids[:half] + [IMAGE_TOKEN_INDEX] + ids[half:]
-    overhead = len(tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, ""))) - 1
+    overhead = len(first_turn(tokenizer, DEFAULT_SYSTEM, "")) - 1
     if text_tokens <= overhead:
         raise FastVLMError(
             f"--prompt-tokens must be more than {overhead}, the tokens of the chat template itself"
         )
     filler = tokenizer.encode(FILLER * text_tokens, add_special_tokens=False)
     question = tokenizer.decode(filler[: text_tokens - overhead])
-    return tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, question))
+    return first_turn(tokenizer, DEFAULT_SYSTEM, question)
 
 
 def time_run(model: Model, image: Image.Image, resolution: int, ids: list[int],
@@ -282,37 +283,6 @@ def measure(model: Model, ids: list[int], resolutions: list[int], runs: int, war
             result.add(sample, warmup=i < warmup)
             result.peak_memory = mx.get_peak_memory()
             yield result, i
-
-
-BLAS_LIBRARIES = {"openblas": "OpenBLAS", "mkl": "Intel MKL", "blis": "BLIS",
-                  "flexiblas": "FlexiBLAS", "armpl": "Arm Performance Libraries"}
-
-
-def blas_library() -> dict | None:
-    """Which BLAS MLX's CPU matmuls reach (Linux), from the libraries mapped in this process.
-
-    The mlx wheel links a reference (netlib) BLAS; an optimized one mapped
-    here got in by LD_PRELOAD or a system link, and its symbols win. numpy's
-    private scipy_openblas is skipped: its symbols are renamed.
-    """
-    if sys.platform != "linux":
-        return None
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    paths = sorted({p[5] for p in (line.split(maxsplit=5) for line in maps.splitlines())
-                    if len(p) == 6 and ".so" in p[5]})
-    for path in paths:
-        if "scipy_openblas" in path:
-            continue
-        for key, name in BLAS_LIBRARIES.items():
-            if key in path.lower():
-                return {"name": name, "path": path, "reference": False}
-    for path in paths:
-        if Path(path).name.startswith("libblas"):
-            return {"name": "reference BLAS (netlib)", "path": path, "reference": True}
-    return {"name": "unknown", "path": None, "reference": False}
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

@@ -13,16 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastvlm_mlx.errors import FastVLMError
+from fastvlm_mlx.utils import BLAS_HINT
 
 from .flops import CONVENTION
 from .harness import STAGES, Result
-
-BLAS_HINT = (
-    "the mlx wheel's reference BLAS is in use: CPU matmuls run ~40x slower than they can; "
-    "preload an optimized one, e.g. LD_PRELOAD=/lib/x86_64-linux-gnu/libopenblas.so.0 "
-    "(Debian/Ubuntu: apt install libopenblas0)"
-)
-
 
 @dataclass
 class Report:

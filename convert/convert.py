@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import asdict
@@ -28,6 +29,8 @@ from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, check_tokenizer, is
 from .torch_pickle import INDEX_NAME, load_torch_checkpoint
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
+MARKER = ".fastvlm-mlx-convert"  # in every directory convert writes: --force replaces only these
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 
 
 def fetch(repo_id: str, revision: str | None = None) -> Path:
@@ -114,22 +117,101 @@ def verify(path: Path) -> None:
         raise FastVLMError(f"the converted model in {path} computes non-finite values; not written")
 
 
+def check_output(out: Path, source: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that cannot be written or must not be replaced.
+
+    --force replaces only an empty directory or one that convert wrote (it holds
+    MARKER), and never the source, the current or home directory, or a parent of one.
+    """
+    target = out.resolve()
+    if out.exists():
+        if not force:
+            raise FastVLMError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir():
+            raise FastVLMError(f"--out {out} is a file; --force replaces only a directory convert wrote")
+        for what, path in (("the source checkpoint", source), ("the current directory", Path.cwd()),
+                           ("the home directory", Path.home())):
+            if path.resolve().is_relative_to(target):
+                raise FastVLMError(f"--out {out} holds {what}; --force will not replace it")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise FastVLMError(f"{out} was not written by fastvlm-mlx convert; "
+                               "--force replaces only those (remove it yourself, or pick another --out)")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FastVLMError(f"cannot write {out}: {parent} is not a writable directory")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Delete the staging directories of conversions on this host whose process is gone."""
+    for staging in parent.glob(".*.partial"):
+        try:
+            owner = json.loads((staging / MARKER).read_text())
+            stale = owner["host"] == socket.gethostname() and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or not readable: leave it
+        if stale:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_staging(out: Path) -> Path:
+    """A private directory beside `out`, marked with this process, to write into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return staging
+
+
+def replace_with(staging: Path, out: Path) -> None:
+    """Move `staging` to `out`; an old `out` is set aside first and deleted only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old.partial")
+        out.rename(old)
+    staging.chmod(0o755)  # mkdtemp made it private
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_quantization(bits: int | None, group_size: int | None) -> int:
+    """The group size to quantize with; refuses what mx.quantize would reject."""
+    if bits is None:
+        if group_size is not None:
+            raise FastVLMError("--group-size needs --quantize")
+        return GROUP_SIZES[1]
+    if bits not in (4, 8):
+        raise FastVLMError(f"--quantize must be 4 or 8, got {bits}")
+    group_size = GROUP_SIZES[1] if group_size is None else group_size
+    if group_size not in GROUP_SIZES:
+        raise FastVLMError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    return group_size
+
+
 def default_out(source: str, bits: int | None) -> Path:
     return Path(Path(source).name + "-mlx" + (f"-{bits}bit" if bits else ""))
 
 
 def convert(source: str | Path, out: str | Path | None = None, dtype: str | None = None,
-            quantize: int | None = None, group_size: int = 64, force: bool = False,
+            quantize: int | None = None, group_size: int | None = None, force: bool = False,
             verify_output: bool = True, revision: str | None = None) -> Path:
     """Convert a local checkpoint directory or a hub repo id into an MLX model directory."""
     source = str(source)
     target = parse_dtype(dtype)
-    if quantize not in (None, 4, 8):
-        raise FastVLMError(f"--quantize must be 4 or 8, got {quantize}")
-    out = Path(out) if out else default_out(source, quantize)
-    if out.exists() and not force:
-        raise FastVLMError(f"{out} already exists; pass --force to replace it")
+    group_size = check_quantization(quantize, group_size)
+    out = Path(out).expanduser() if out else default_out(source, quantize)
     path = Path(source).expanduser()
+    check_output(out, path, force)
     if not path.exists() and is_hub_id(source):
         path = fetch(source, revision)
     check_source(path)
@@ -144,9 +226,15 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
         nn.quantize(model.language_model, group_size=group_size, bits=quantize,
                     class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and m.weight.shape[-1] % group_size == 0)
+        if not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                   for _, m in model.language_model.named_modules()):
+            raise FastVLMError(f"no decoder matrix has rows divisible by --group-size {group_size}; "
+                               "nothing would be quantized")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        staging = make_staging(out)
+    except OSError as e:
+        raise FastVLMError(f"cannot write {out}: {e}") from None
     try:
         save_model(staging, model)
         (staging / "config.json").write_text(
@@ -158,10 +246,8 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
                 shutil.copyfile(path / name, staging / name)
         if verify_output:
             verify(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.chmod(0o755)  # mkdtemp made it private
-        staging.rename(out)
+        (staging / MARKER).write_text(json.dumps({"converted_from": source}))
+        replace_with(staging, out)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise FastVLMError(f"writing {out} failed: {e}") from None

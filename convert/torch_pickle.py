@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import math
 import pickle
 import zipfile
@@ -21,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from fastvlm_mlx.errors import FastVLMError
+from fastvlm_mlx.utils import read_weight_map
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -175,15 +175,11 @@ def load_torch_checkpoint(path: str | Path) -> dict[str, mx.array]:
     path = Path(path)
     if path.suffix != ".json":
         return _load_file(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise FastVLMError(f"cannot read the shard index {path.name}: {type(error).__name__}: {error}") from error
+    weight_map = read_weight_map(path)
     weights: dict[str, mx.array] = {}
-    for shard in shards:
-        weights.update(_load_file(path.parent / shard))
+    for shard in sorted(set(weight_map.values())):
+        weights.update(_load_file(shard))
     missing = sorted(set(weight_map) - set(weights))
     if missing:
-        raise FastVLMError(f"{path.name} maps {missing[0]!r} to {weight_map[missing[0]]}, which does not hold it")
+        raise FastVLMError(f"{path.name} maps {missing[0]!r} to {weight_map[missing[0]].name}, which does not hold it")
     return weights

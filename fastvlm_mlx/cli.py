@@ -1,29 +1,47 @@
-"""The `fastvlm-mlx` command line."""
+"""The `fastvlm-mlx` command line.
+
+Only typer is imported up front: each command imports the model stack itself,
+so `--help` and `--version` answer at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 import typer
 
+try:  # typer vendors click since 0.2x; older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:
+    from click import exceptions as click_exceptions
+
 from .bench.cli import bench
+from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SYSTEM
 from .errors import FastVLMError, exit_codes
-from .generate import Chat
-from .processor import DEFAULT_SYSTEM, load_image
-from .utils import DEFAULT_MODEL, keep_freed_buffers, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Apple's FastVLM vision-language models, natively on MLX.")
 
 HELP_LINE = "/image PATH changes the picture, /reset clears the history, Ctrl-C stops an answer, Ctrl-D exits."
+MODEL_HELP = "A hub id (e.g. apple/FastVLM-1.5B, converted once into ~/.cache/fastvlm-mlx) or a model directory (ours or the published layout)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"fastvlm-mlx {version('fastvlm-mlx')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _group() -> None:
+def _group(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
     """Apple's FastVLM vision-language models, natively on MLX."""
 
 
@@ -35,7 +53,7 @@ def _dim(text: str) -> str:
     return f"\033[2m{text}\033[0m" if sys.stderr.isatty() else text
 
 
-def _answer(chat: Chat, question: str, max_tokens: int, temperature: float, top_p: float) -> None:
+def _answer(chat, question: str, max_tokens: int, temperature: float, top_p: float) -> None:
     """Stream one answer to stdout, then the timing footer to stderr."""
     stream = chat.ask(question, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     stats = None
@@ -48,7 +66,24 @@ def _answer(chat: Chat, question: str, max_tokens: int, temperature: float, top_
         print(_dim(stats.footer()), file=sys.stderr, flush=True)
 
 
-def _interactive(chat: Chat, max_tokens: int, temperature: float, top_p: float) -> None:
+def _command(chat, line: str) -> None:
+    """One interactive line that starts with '/'."""
+    name, _, arg = line.partition(" ")
+    if name == "/reset" and not arg.strip():
+        chat.reset()
+        print(_dim("(history cleared)"), file=sys.stderr)
+    elif name == "/image":
+        if not arg.strip():
+            raise FastVLMError("/image needs a path: /image PATH")
+        chat.set_image(arg.strip())
+        print(_dim(f"(new image, {chat.visual_tokens} visual tokens; history cleared)"), file=sys.stderr)
+    else:
+        raise FastVLMError(f"unknown command {line.split()[0]}; {HELP_LINE}")
+
+
+def _interactive(chat, max_tokens: int, temperature: float, top_p: float) -> None:
+    # Bytes that are not UTF-8 reach Chat as lone surrogates, which it refuses in one line.
+    sys.stdin.reconfigure(errors="surrogateescape")
     tty = sys.stdin.isatty()
     print(_dim(HELP_LINE), file=sys.stderr)
     while True:
@@ -63,15 +98,8 @@ def _interactive(chat: Chat, max_tokens: int, temperature: float, top_p: float) 
         if not line:
             continue
         try:
-            if line == "/reset":
-                chat.reset()
-                print(_dim("(history cleared)"), file=sys.stderr)
-            elif line.split()[0] == "/image":
-                chat.set_image(line[len("/image"):].strip())
-                print(_dim(f"(new image, {chat.visual_tokens} visual tokens; history cleared)"),
-                      file=sys.stderr)
-            elif line.startswith("/"):
-                _err(f"unknown command {line.split()[0]}; {HELP_LINE}")
+            if line.startswith("/"):
+                _command(chat, line)
             else:
                 _answer(chat, line, max_tokens, temperature, top_p)
         except KeyboardInterrupt:
@@ -80,26 +108,45 @@ def _interactive(chat: Chat, max_tokens: int, temperature: float, top_p: float) 
             _err(str(e))
 
 
-@app.command()
+@app.command(help=f"""Ask about a picture: one-shot with --prompt, otherwise an interactive chat.
+
+In the interactive chat: {HELP_LINE}""")
 def chat(
     image: Path = typer.Argument(..., help="The picture to ask about."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this once and exit; without it, chat interactively."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory (MLX or published HF layout)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     max_tokens: int = typer.Option(256, min=1, help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling; 1 disables it."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
-    resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a multiple of 64 (default: the model's)."),
+    resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a positive multiple of 64 (default: the model's)."),
     system: str = typer.Option(DEFAULT_SYSTEM, help="The system prompt."),
     fastv: Optional[str] = typer.Option(None, help="FastV pruning K:R: drop the fraction R of visual tokens at layer K (e.g. 2:0.5)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Refuse larger images before decoding them."),
 ) -> None:
-    """Ask about a picture: one-shot with --prompt, otherwise an interactive chat."""
     with exit_codes():
-        picture = load_image(image)  # fail on a bad image before loading a model
+        import mlx.core as mx
+
+        from .generation import Chat
+        from .processor import check_text, load_image
+        from .utils import keep_freed_buffers, load, reference_blas_warning
+
+        keep_freed_buffers()
+
+        if prompt is not None:
+            check_text(prompt)
+        check_text(system, "the system prompt")
+        if resolution is not None and resolution <= 0:
+            raise FastVLMError(f"--resolution must be a positive multiple of 64, got {resolution}")
+        picture = load_image(image, max_pixels)  # fail on a bad image before loading a model
         vlm, tokenizer = load(model)
+        if warning := reference_blas_warning():
+            print(_dim(f"warning: {warning}"), file=sys.stderr)
         if seed is not None:
             mx.random.seed(seed)
-        session = Chat(vlm, tokenizer, picture, system=system, resolution=resolution, fastv=fastv)
+        session = Chat(vlm, tokenizer, system=system, resolution=resolution, fastv=fastv,
+                       max_pixels=max_pixels)
+        session.set_image(picture)
         if prompt is None:
             _interactive(session, max_tokens, temperature, top_p)
         else:
@@ -112,15 +159,15 @@ def convert(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./<name>-mlx)."),
     dtype: Optional[str] = typer.Option(None, help="float16, bfloat16 or float32 (default: the checkpoint's own, lossless)."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the decoder to 4 or 8 bits."),
-    group_size: int = typer.Option(64, help="Quantization group size."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    group_size: Optional[int] = typer.Option(None, help="Quantization group size: 32, 64 (default) or 128."),
+    force: bool = typer.Option(False, "--force", help="Replace an --out that an earlier convert wrote."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the result and check one forward pass."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
 ) -> None:
     """Convert a published FastVLM checkpoint (safetensors or PyTorch .bin) to MLX."""
-    from fastvlm_mlx.convert import convert as run_convert
-
     with exit_codes():
+        from .convert import convert as run_convert
+
         path = run_convert(source, out, dtype=dtype, quantize=quantize, group_size=group_size,
                            force=force, verify_output=verify, revision=revision)
     print(f"Converted {source} -> {path}")
@@ -130,5 +177,19 @@ app.command()(bench)
 
 
 def main() -> None:
-    keep_freed_buffers()
-    app()
+    """The console script: usage errors are one `error:` line and exit 2, like every other."""
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        code = 2
+    except click_exceptions.ClickException as e:  # usage errors: bad option, missing argument
+        _err(" ".join(e.format_message().split()))
+        code = e.exit_code
+    except (click_exceptions.Abort, KeyboardInterrupt):
+        print(file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # e.g. `| head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
+    sys.exit(code if isinstance(code, int) else 0)

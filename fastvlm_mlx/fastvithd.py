@@ -7,7 +7,6 @@ weight mapping is mostly a prefix change (see fastvlm.sanitize_weights).
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Callable
@@ -40,10 +39,18 @@ class VisionConfig:
     head_dim: int = 32
     image_size: int = 1024
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "VisionConfig":
-        names = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in params.items() if k in names})
+    def check(self) -> None:
+        """Refuse, in one line, a tower these lists cannot build."""
+        stages = len(self.layers)
+        lists = (self.embed_dims, self.mlp_ratios, self.downsamples, self.token_mixers, self.pos_embs_shapes)
+        if not stages or any(len(v) != stages for v in lists):
+            raise FastVLMError("vision_config: layers, embed_dims, mlp_ratios, downsamples, "
+                               "token_mixers and pos_embs_shapes need one entry per stage")
+        for mixer, dims in zip(self.token_mixers, self.embed_dims):
+            if mixer not in ("repmixer", "attention"):
+                raise FastVLMError(f"vision_config: unknown token mixer {mixer!r}")
+            if mixer == "attention" and dims % self.head_dim:
+                raise FastVLMError(f"vision_config: {dims} channels do not split into heads of {self.head_dim}")
 
     @property
     def hidden_size(self) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+import typing
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -28,6 +31,38 @@ def compute_dtype(weights: mx.Dtype) -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else weights
 
 
+def _fits(value, hint) -> bool:
+    """Whether a config value has the type a dataclass field declares (numbers positive)."""
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        number = isinstance(value, int) or (hint is float and isinstance(value, float))
+        return number and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (object,)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    return True  # optional or free-form fields (rope_scaling, pos_embs_shapes)
+
+
+def checked(cls, params: dict, section: str = "config.json"):
+    """Build dataclass `cls` from config entries, refusing a missing or mistyped one in one line."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in names.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in params:
+            if required:
+                raise FastVLMError(f"{section} has no {name}: not a complete FastVLM config")
+            continue
+        if not _fits(params[name], hints[name]):
+            kind = getattr(hints[name], "__name__", str(hints[name]))
+            raise FastVLMError(f"{section}: {name} must be {'a positive ' if kind in ('int', 'float') else ''}"
+                               f"{kind}, got {params[name]!r}")
+    return cls(**{k: v for k, v in params.items() if k in names})
+
+
 @dataclass
 class ModelArgs:
     text_config: qwen2.ModelArgs
@@ -46,14 +81,24 @@ class ModelArgs:
         if projector != "mlp2x_gelu":
             raise FastVLMError(f"unsupported mm_projector_type {projector!r} (FastVLM uses mlp2x_gelu)")
         if "vision_config" in config:
-            vision = VisionConfig.from_dict(config["vision_config"])
+            if not isinstance(config["vision_config"], dict):
+                raise FastVLMError("config.json: vision_config must be an object")
+            vision = checked(VisionConfig, config["vision_config"], "config.json's vision_config")
+            vision.check()
         else:
             tower = config.get("mm_vision_tower", "mobileclip_l_1024")
             match = re.fullmatch(r"mobileclip_l_(\d+)", str(tower))
             if not match:
                 raise FastVLMError(f"unsupported vision tower {tower!r} (FastVLM uses mobileclip_l_<size>)")
             vision = VisionConfig(image_size=int(match.group(1)))
-        text = qwen2.ModelArgs.from_dict({**config, "model_type": "qwen2"})
+        heads = config.get("num_attention_heads")
+        text = checked(qwen2.ModelArgs, {"num_key_value_heads": heads, **config, "model_type": "qwen2"})
+        if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
+            raise FastVLMError(
+                f"config.json: hidden_size {text.hidden_size}, num_attention_heads "
+                f"{text.num_attention_heads} and num_key_value_heads {text.num_key_value_heads} "
+                "do not divide evenly"
+            )
         mm_hidden = config.get("mm_hidden_size", vision.hidden_size)
         if mm_hidden != vision.hidden_size:
             raise FastVLMError(

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .defaults import DEFAULT_MODEL
 from .errors import FastVLMError
 from .fastvlm import Model, ModelArgs, compute_dtype
-
-DEFAULT_MODEL = "apple/FastVLM-0.5B"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -45,6 +45,53 @@ def keep_freed_buffers() -> None:
     """
     if mx.default_device() == mx.cpu:
         mx.set_cache_limit(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+
+
+BLAS_LIBRARIES = {"openblas": "OpenBLAS", "mkl": "Intel MKL", "blis": "BLIS",
+                  "flexiblas": "FlexiBLAS", "armpl": "Arm Performance Libraries"}
+
+
+def blas_library() -> dict | None:
+    """Which BLAS MLX's CPU matmuls reach (Linux), from the libraries mapped in this process.
+
+    The mlx wheel links a reference (netlib) BLAS; an optimized one mapped
+    here got in by LD_PRELOAD or a system link, and its symbols win. numpy's
+    private scipy_openblas is skipped: its symbols are renamed.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = sorted({p[5] for p in (line.split(maxsplit=5) for line in maps.splitlines())
+                    if len(p) == 6 and ".so" in p[5]})
+    for path in paths:
+        if "scipy_openblas" in path:
+            continue
+        for key, name in BLAS_LIBRARIES.items():
+            if key in path.lower():
+                return {"name": name, "path": path, "reference": False}
+    for path in paths:
+        if Path(path).name.startswith("libblas"):
+            return {"name": "reference BLAS (netlib)", "path": path, "reference": True}
+    return {"name": "unknown", "path": None, "reference": False}
+
+
+BLAS_HINT = (
+    "the mlx wheel's reference BLAS is in use: CPU matmuls run ~40x slower than they can; "
+    "preload an optimized one, e.g. LD_PRELOAD=/lib/x86_64-linux-gnu/libopenblas.so.0 "
+    "(Debian/Ubuntu: apt install libopenblas0-pthread; the path: ldconfig -p | grep openblas)"
+)
+
+
+def reference_blas_warning() -> str | None:
+    """BLAS_HINT when MLX runs on the CPU with the reference BLAS, unless
+    FASTVLM_MLX_NO_BLAS_WARNING is set."""
+    if os.environ.get("FASTVLM_MLX_NO_BLAS_WARNING") or mx.default_device() != mx.cpu:
+        return None
+    blas = blas_library()
+    return BLAS_HINT + " (FASTVLM_MLX_NO_BLAS_WARNING=1 hides this)" if blas and blas["reference"] else None
 
 
 def is_hub_id(name: str) -> bool:
@@ -91,19 +138,36 @@ def check_tokenizer(path: Path) -> None:
         )
 
 
-def load_config(path: Path) -> dict:
-    config_file = path / "config.json"
+def read_json(file: Path) -> dict:
+    """A JSON object from a checkpoint file, or one clear error."""
     try:
-        return json.loads(config_file.read_text())
+        value = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FastVLMError(f"{config_file} is not valid JSON: {e}") from None
+        raise FastVLMError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise FastVLMError(f"cannot read {file}: {e.strerror}") from None
+    if not isinstance(value, dict):
+        raise FastVLMError(f"{file} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def read_weight_map(index: Path) -> dict[str, Path]:
+    """A shard index's tensor -> shard file map; shard names stay inside the index's directory."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise FastVLMError(f"{index} has no weight_map of tensor names to file names")
+    return {name: index.parent / Path(f).name for name, f in weight_map.items()}
+
+
+def load_config(path: Path) -> dict:
+    return read_json(path / "config.json")
 
 
 def load_weights(path: Path) -> dict[str, mx.array]:
     """Every tensor of the directory's safetensors, single or sharded with an index."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = sorted(set(read_weight_map(index).values()))
     else:
         files = sorted(path.glob("*.safetensors"))
     weights: dict[str, mx.array] = {}
@@ -142,6 +206,9 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     if quantization := config.get("quantization"):
+        if (not isinstance(quantization, dict) or quantization.get("bits") not in (2, 3, 4, 5, 6, 8)
+                or quantization.get("group_size") not in (32, 64, 128)):
+            raise FastVLMError(f"config.json: quantization {quantization!r} is not bits 2-8 with group_size 32, 64 or 128")
         nn.quantize(model, quantization["group_size"], quantization["bits"],
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
     expected = dict(tree_flatten(model.parameters()))

@@ -15,11 +15,12 @@ from conftest import CHECKPOINT
 from fastvlm_mlx.bench import cli as bench_cli
 from fastvlm_mlx.bench import harness
 from fastvlm_mlx.bench.flops import decoder_flops, matmul_peak, projector_flops, vision_flops
-from fastvlm_mlx.bench.harness import (SAMPLES, STAGES, blas_library, measure,
+from fastvlm_mlx.bench.harness import (SAMPLES, STAGES, measure,
                                        prompt_ids, random_config, random_model, time_run)
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvithd import VisionConfig
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs
+from fastvlm_mlx.utils import blas_library
 from fastvlm_mlx.utils import load_tokenizer
 
 TINY_CONFIG = json.loads((CHECKPOINT / "config.json").read_text())
@@ -194,7 +195,7 @@ def test_fastv_prefill_side_by_side(tmp_path):
 
 
 def test_random_weights_are_the_default_and_the_report_says_so(monkeypatch):
-    monkeypatch.setattr(bench_cli, "random_config", lambda size: TINY_CONFIG)
+    monkeypatch.setattr(harness, "random_config", lambda size: TINY_CONFIG)
     r = invoke(*SMALL)
     assert r.exit_code == 0, r.output
     assert "random weights in the shapes of apple/FastVLM-0.5B (the default without --model)" in r.stdout

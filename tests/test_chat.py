@@ -5,7 +5,9 @@ import pytest
 
 from conftest import IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, FastVLMError, generate
-from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, next_turn, tokenize
+from fastvlm_mlx.generation import ModelMemo
+from fastvlm_mlx.defaults import DEFAULT_SYSTEM
+from fastvlm_mlx.processor import first_turn, next_turn
 
 
 def from_scratch_logprobs(chat: Chat, ids: list[int]):
@@ -21,15 +23,16 @@ def answer(chat: Chat, question: str, max_tokens: int = 5):
 
 def test_second_turn_reuses_cache_and_matches_full_prefill(tiny):
     model, tokenizer = tiny
+    ModelMemo.of(model).prefix = None  # the opening turn prefills everything
     chat = Chat(model, tokenizer, IMAGE)
     first = answer(chat, QUESTION)
     history = list(chat.tokens)
     assert history[-1] == chat.im_end  # the answer was closed for the template
     second = answer(chat, "What colour is it?")
-    own = tokenize(tokenizer, next_turn("What colour is it?"))
+    own = next_turn(tokenizer, "What colour is it?")
     # Only the closing <|im_end|> of the first answer and the new turn were prefilled.
     assert second[-1].stats.prompt_tokens == len(own) + 1
-    opening = tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, QUESTION))
+    opening = first_turn(tokenizer, DEFAULT_SYSTEM, QUESTION)
     assert first[-1].stats.prompt_tokens == len(opening) - 1 + chat.visual_tokens
     full = history + own
     assert rel_err(second[0].logprobs, from_scratch_logprobs(chat, full)) <= 1e-4
@@ -44,7 +47,7 @@ def test_interrupted_answer_keeps_the_session_consistent(tiny):
     next(stream)
     stream.close()  # what Ctrl-C does in the CLI
     history = list(chat.tokens)
-    own = tokenize(tokenizer, next_turn("And now?"))
+    own = next_turn(tokenizer, "And now?")
     reply = answer(chat, "And now?")
     assert rel_err(reply[0].logprobs, from_scratch_logprobs(chat, history + own)) <= 1e-4
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import CHECKPOINT, IMAGE, QUESTION
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
-from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, next_turn, tokenize
+from fastvlm_mlx.defaults import DEFAULT_SYSTEM
+from fastvlm_mlx.processor import first_turn, next_turn
 from fastvlm_mlx.utils import load_tokenizer
 
 REFERENCE_TEXT = "\t\tlplplplplplp"  # reference.json's generated_text (8 greedy tokens)
@@ -40,8 +41,8 @@ def test_interactive_session_through_stdin():
     # The second turn prefilled only itself (and the closing <|im_end|> of the first
     # answer); after /reset the prompt again, but not the template before the image.
     tokenizer = load_tokenizer(CHECKPOINT)
-    opening = tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, QUESTION))
-    second = len(tokenize(tokenizer, next_turn("And then?"))) + 1
+    opening = first_turn(tokenizer, DEFAULT_SYSTEM, QUESTION)
+    second = len(next_turn(tokenizer, "And then?")) + 1
     after_reset = len(opening) - 1 + 16 - opening.index(IMAGE_TOKEN_INDEX)
     assert f"({len(opening) - 1 + 16} tok)" in footers[0]
     assert f"({second} tok)" in footers[1] and f"({after_reset} tok)" in footers[2]

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,7 @@ from conftest import CHECKPOINT, FIXTURE, IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, load
 from fastvlm_mlx.cli import app
 from fastvlm_mlx.convert import convert
+from fastvlm_mlx.convert.convert import MARKER
 from fastvlm_mlx.processor import load_image, preprocess
 
 runner = CliRunner()
@@ -162,14 +164,38 @@ def test_interrupted_write_leaves_nothing(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_force_replaces_only_what_convert_wrote(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli("convert", str(CHECKPOINT), "--out", str(out)).exit_code == 2
-    assert (out / "keep.txt").exists()
+    r = cli("convert", str(CHECKPOINT), "--out", str(out), "--force")
+    assert r.exit_code == 2 and "not written by fastvlm-mlx convert" in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert cli("convert", str(CHECKPOINT), "--out", str(out), "--force").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    first = (out / "model.safetensors").stat().st_ino
+    assert cli("convert", str(CHECKPOINT), "--out", str(out), "--force", "--dtype", "float16").exit_code == 0
+    assert (out / "model.safetensors").stat().st_ino != first  # ours: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing set aside is left
+
+
+def test_stale_staging_of_a_killed_conversion_is_removed(tmp_path):
+    """A SIGKILLed convert leaves its .partial directory; the next one in that place removes
+    it if its process is gone, and leaves a live conversion's and anything not ours alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    for name, owner in [(".a.1.partial", {"pid": dead.pid, "host": host}),
+                        (".b.2.partial", {"pid": os.getpid(), "host": host}),
+                        (".c.3.partial", {"pid": dead.pid, "host": "another-machine"}),
+                        (".d.4.partial", None)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+        if owner:
+            (tmp_path / name / MARKER).write_text(json.dumps(owner))
+    assert cli("convert", str(CHECKPOINT), "--out", str(tmp_path / "out")).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.2.partial", ".c.3.partial", ".d.4.partial", "out"]
 
 
 def fake_hub(tmp_path: Path) -> dict:

@@ -7,7 +7,8 @@ from mlx.utils import tree_flatten
 from conftest import CHECKPOINT, IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, load
 from fastvlm_mlx.fastvlm import sanitize_hf_weights
-from fastvlm_mlx.processor import DEFAULT_SYSTEM, first_turn, load_image, preprocess, tokenize
+from fastvlm_mlx.defaults import DEFAULT_SYSTEM
+from fastvlm_mlx.processor import first_turn, load_image, preprocess
 
 
 def test_preprocessing_matches_pixel_values(reference):
@@ -19,7 +20,7 @@ def test_preprocessing_matches_pixel_values(reference):
 
 def test_prompt_ids_match_input_ids(tiny, reference):
     _, tokenizer = tiny
-    ids = tokenize(tokenizer, first_turn(DEFAULT_SYSTEM, QUESTION))
+    ids = first_turn(tokenizer, DEFAULT_SYSTEM, QUESTION)
     assert ids == reference["input_ids"][0].tolist()
 
 

@@ -20,7 +20,8 @@ from .errors import FastVLMError
 from .fastv import FastV
 from .fastv import prefill as fastv_prefill
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
-from .processor import DEFAULT_SYSTEM, first_turn, load_image, next_turn, preprocess, tokenize
+from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
+from .processor import first_turn, load_image, next_turn, preprocess, to_rgb
 
 
 def prefill(model: Model, ids: list[int], features: mx.array | None, cache: list,
@@ -106,9 +107,33 @@ class ModelMemo:
 
 
 def image_digest(image: Image.Image, resolution: int) -> str:
+    """Of the RGB pixels the encoder sees (palette indices alone would let two images collide)."""
     digest = hashlib.sha256(image.tobytes())
     digest.update(f"{image.mode}{image.size}{resolution}".encode())
     return digest.hexdigest()
+
+
+class TextStream:
+    """Turns sampled ids into text pieces whose concatenation equals the tokenizer's
+    decode of all of them: ids are held back only while they end in an incomplete
+    UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def add(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
 
 
 class Chat:
@@ -120,15 +145,27 @@ class Chat:
 
     def __init__(self, model: Model, tokenizer, image: str | Path | Image.Image | None = None,
                  system: str = DEFAULT_SYSTEM, resolution: int | None = None,
-                 fastv: FastV | str | None = None):
+                 fastv: FastV | str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model
         num_layers = model.args.text_config.num_hidden_layers
         self.fastv = FastV.parse(fastv, num_layers) if isinstance(fastv, str) else fastv
         self.tokenizer = tokenizer
         self.system = system
-        self.resolution = resolution or model.args.vision_config.image_size
-        model.args.vision_config.check_resolution(self.resolution)
+        self.max_pixels = max_pixels
+        vision = model.args.vision_config
+        self.resolution = vision.image_size if resolution is None else resolution
+        vision.check_resolution(self.resolution)
         self.context = model.args.text_config.max_position_embeddings
+        visual = (self.resolution // vision.stride) ** 2
+        if visual + len(first_turn(tokenizer, system, "")) > self.context:
+            raise FastVLMError(
+                f"at resolution {self.resolution} an image takes {visual} tokens and the model's "
+                f"context is {self.context}: choose a lower resolution"
+            )
+        # The embedding table is padded past the tokenizer's ids: never sample those.
+        vocab = model.args.text_config.vocab_size
+        self.mask = mx.where(mx.arange(vocab) < len(tokenizer), 0.0, -mx.inf) if len(tokenizer) < vocab else None
+        self._turn = 0  # bumped by every answer: a superseded stream stops and records nothing
         self.stop_ids = set(tokenizer.eos_token_ids) | {
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
         }
@@ -142,8 +179,7 @@ class Chat:
 
     def set_image(self, image: str | Path | Image.Image) -> None:
         """Encode a new picture (once) and start a fresh conversation about it."""
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
+        image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image, self.max_pixels)
         memo = ModelMemo.of(self.model)
         key = image_digest(image, self.resolution)
         start = time.perf_counter()
@@ -160,6 +196,7 @@ class Chat:
 
     def reset(self) -> None:
         """Forget the conversation; the image stays."""
+        self._turn += 1
         self.tokens: list[int] = []  # the conversation's ids, the image slot as one marker
         self.cached: list[int] = []  # the ids whose keys and values the cache holds
         self.cache = make_prompt_cache(self.model.language_model)
@@ -175,12 +212,20 @@ class Chat:
     def prompt_ids(self, question: str) -> list[int]:
         """The whole conversation with the new question, ready for the answer."""
         if self.tokens:
-            return self.tokens + tokenize(self.tokenizer, next_turn(question))
-        return tokenize(self.tokenizer, first_turn(self.system, question, self.features is not None))
+            return self.tokens + next_turn(self.tokenizer, question)
+        return first_turn(self.tokenizer, self.system, question, self.features is not None)
 
     def ask(self, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0) -> Iterator[GenerationResponse]:
-        """Stream the answer to one more question; the history is kept even if interrupted."""
+        """Stream the answer to one more question; the history is kept even if interrupted.
+
+        Asking again supersedes a stream still open: it yields nothing more and
+        leaves the history to the newer answer.
+        """
+        if max_tokens < 1:
+            raise FastVLMError(f"max_tokens must be at least 1, got {max_tokens}")
+        self._turn += 1
+        turn = self._turn
         full = self.prompt_ids(question)
         length = self.expanded_length(full)
         if length >= self.context:
@@ -197,6 +242,8 @@ class Chat:
             stats.vision_s = self.vision_s
             self._vision_pending = False
         sampler = make_sampler(temperature, top_p if top_p < 1.0 else 0.0)
+        if self.mask is not None:
+            sampler = _masked(sampler, self.mask)
         sampled: list[int] = []
         try:
             start = time.perf_counter()
@@ -212,8 +259,8 @@ class Chat:
                 generate_step(first, self.model.language_model, max_tokens=max_tokens - 1,
                               sampler=sampler, prompt_cache=self.cache),
             )
-            detokenizer = self.tokenizer.detokenizer
-            finish = "length"
+            text = TextStream(self.tokenizer)
+            finish, piece = "length", ""
             for token, logprobs in steps:
                 sampled.append(token)
                 stats.generation_tokens = len(sampled)
@@ -221,14 +268,17 @@ class Chat:
                 if token in self.stop_ids:
                     finish = "stop"
                     break
-                detokenizer.add_token(token)
+                piece = text.add(token)
                 if len(sampled) == max_tokens:
                     break
-                yield GenerationResponse(detokenizer.last_segment, token, logprobs, None, stats)
-            detokenizer.finalize()
-            yield GenerationResponse(detokenizer.last_segment, token, logprobs, finish, stats)
+                yield GenerationResponse(piece, token, logprobs, None, stats)
+                if turn != self._turn:  # superseded while suspended: touch nothing more
+                    return
+                piece = ""
+            yield GenerationResponse(piece + text.flush(), token, logprobs, finish, stats)
         finally:
-            self._record_turn(full, sampled)
+            if turn == self._turn:
+                self._record_turn(full, sampled)
 
     def _seed_prefix(self, full: list[int]) -> None:
         """Start a fresh conversation from the model's cached prompt prefix, if it fits."""
@@ -284,6 +334,11 @@ class Chat:
         if offset < slot + self.visual_tokens:
             return slot
         return min(offset - self.visual_tokens + 1, len(ids))
+
+
+def _masked(sampler, mask: mx.array):
+    """A sampler that never picks the ids `mask` sets to -inf."""
+    return lambda logprobs: sampler(logprobs + mask)
 
 
 def stream_generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,
