@@ -12,7 +12,6 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
-from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx

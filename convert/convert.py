@@ -40,6 +40,8 @@ def fetch(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except ValueError as e:  # huggingface_hub's validation of the id or revision
+        raise FastVLMError(f"{repo_id!r} is not a usable hub id: {str(e).splitlines()[0]}") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FastVLMError(
@@ -262,6 +264,7 @@ def cached_conversion(repo_id: str, revision: str | None = None, dtype: str | No
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvlm-mlx"
     out = root / repo_id.replace("/", "--") / f"{revision or 'main'}-{dtype or 'stored'}"
     if not out.is_dir():
+        source = fetch(repo_id, revision)
         print(f"Converting {repo_id} for first use into {out}", file=sys.stderr)
-        convert(repo_id, out, dtype=dtype, revision=revision)
+        convert(source, out, dtype=dtype)
     return out

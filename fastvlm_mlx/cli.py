@@ -7,7 +7,6 @@ so `--help` and `--version` answer at once.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -69,16 +68,19 @@ def _answer(chat, question: str, max_tokens: int, temperature: float, top_p: flo
 def _command(chat, line: str) -> None:
     """One interactive line that starts with '/'."""
     name, _, arg = line.partition(" ")
-    if name == "/reset" and not arg.strip():
+    arg = arg.strip()
+    if name == "/reset":
+        if arg:
+            raise FastVLMError("/reset takes no argument")
         chat.reset()
         print(_dim("(history cleared)"), file=sys.stderr)
     elif name == "/image":
-        if not arg.strip():
+        if not arg:
             raise FastVLMError("/image needs a path: /image PATH")
-        chat.set_image(arg.strip())
+        chat.set_image(arg)
         print(_dim(f"(new image, {chat.visual_tokens} visual tokens; history cleared)"), file=sys.stderr)
     else:
-        raise FastVLMError(f"unknown command {line.split()[0]}; {HELP_LINE}")
+        raise FastVLMError(f"unknown command {name}; {HELP_LINE}")
 
 
 def _interactive(chat, max_tokens: int, temperature: float, top_p: float) -> None:
@@ -186,10 +188,7 @@ def main() -> None:
     except click_exceptions.ClickException as e:  # usage errors: bad option, missing argument
         _err(" ".join(e.format_message().split()))
         code = e.exit_code
-    except (click_exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print(file=sys.stderr)
         code = 130
-    except BrokenPipeError:  # e.g. `| head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141
     sys.exit(code if isinstance(code, int) else 0)

@@ -24,8 +24,10 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     path = Path(path)
     if path.is_dir():
         raise FastVLMError(f"{path} is a directory, not an image")
-    if not path.is_file():
+    if not path.exists():
         raise FastVLMError(f"image not found: {path}")
+    if not path.is_file():
+        raise FastVLMError(f"{path} is not a regular file, not an image")
     try:
         with _PIL_LIMIT:
             bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours applies

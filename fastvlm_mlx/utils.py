@@ -152,11 +152,14 @@ def read_json(file: Path) -> dict:
 
 
 def read_weight_map(index: Path) -> dict[str, Path]:
-    """A shard index's tensor -> shard file map; shard names stay inside the index's directory."""
+    """A shard index's tensor -> shard file map; shards must lie in the index's own directory."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise FastVLMError(f"{index} has no weight_map of tensor names to file names")
-    return {name: index.parent / Path(f).name for name, f in weight_map.items()}
+    for f in weight_map.values():
+        if Path(f).name != f or f in (".", ".."):
+            raise FastVLMError(f"{index} names the shard {f!r}, which is not a file beside it")
+    return {name: index.parent / f for name, f in weight_map.items()}
 
 
 def load_config(path: Path) -> dict:
@@ -248,6 +251,7 @@ def load(model: str | Path = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> tu
     """Load a FastVLM model and its tokenizer from a directory (MLX or published layout)."""
     path = resolve_model_path(str(model))
     check_model_dir(path)
+    ModelArgs.from_dict(load_config(path))  # a broken config is named before the tokenizer trips on it
     tokenizer = load_tokenizer(path)
     return load_model(path, dtype), tokenizer
 

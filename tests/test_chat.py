@@ -39,17 +39,39 @@ def test_second_turn_reuses_cache_and_matches_full_prefill(tiny):
     assert second[-1].stats.vision_s == 0.0  # the image was encoded once
 
 
-def test_interrupted_answer_keeps_the_session_consistent(tiny):
-    model, tokenizer = tiny
-    chat = Chat(model, tokenizer, IMAGE)
+def half_answered(chat: Chat):
+    """A stream of a long answer, stopped after two responses."""
     stream = chat.ask(QUESTION, max_tokens=50)
     next(stream)
     next(stream)
-    stream.close()  # what Ctrl-C does in the CLI
+    return stream
+
+
+def test_interrupted_answer_keeps_the_session_consistent(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    half_answered(chat).close()  # what Ctrl-C does in the CLI
     history = list(chat.tokens)
     own = next_turn(tokenizer, "And now?")
     reply = answer(chat, "And now?")
     assert rel_err(reply[0].logprobs, from_scratch_logprobs(chat, history + own)) <= 1e-4
+
+
+def test_an_old_stream_never_changes_a_later_turn(tiny):
+    model, tokenizer = tiny
+    chat = Chat(model, tokenizer, IMAGE)
+    old = half_answered(chat)
+    newer = list(chat.ask("And the colours?", max_tokens=5))
+    history = list(chat.tokens)
+    assert list(old) == []  # superseded: it yields nothing more
+    old.close()
+    del old
+    assert chat.tokens == history
+    # The next answer starts from the newer turn, as a prefill from scratch would.
+    reply = list(chat.ask("More?", max_tokens=3))
+    ids = history + next_turn(tokenizer, "More?")
+    assert rel_err(reply[0].logprobs, from_scratch_logprobs(chat, ids)) <= 1e-4
+    assert newer[-1].finish_reason is not None
 
 
 def test_reset_starts_over_with_the_same_image(tiny):
