@@ -82,7 +82,8 @@ def check_source(path: Path) -> None:
 def output_config(config: dict, model: nn.Module, bits: int | None, group_size: int) -> dict:
     """The source config made explicit: decoder args, vision shape, slot, quantization."""
     args = model.args
-    out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    # auto_map points at remote code, which nothing here runs: leave it out.
+    out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "auto_map")}
     out.update(
         tie_word_embeddings=args.text_config.tie_word_embeddings,
         vision_config=asdict(args.vision_config),

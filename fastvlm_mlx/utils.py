@@ -242,7 +242,9 @@ def load_tokenizer(path: Path):
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
     try:
-        return load_mlx_lm_tokenizer(path)
+        # Published configs carry auto_map (remote code). Never run it, and never let
+        # transformers ask about it on stdin, where the user's questions are.
+        return load_mlx_lm_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:  # transformers raises many types on a broken tokenizer
         raise FastVLMError(f"cannot load the tokenizer in {path}: {e}") from None
 

@@ -190,3 +190,22 @@ def test_help_and_version_do_not_load_the_model_stack(workdir):
     assert version.returncode == 0 and version.stdout.decode().startswith("fastvlm-mlx ")
     chat_help = run(["chat", "--help"], workdir).stdout.decode()
     assert all(word in chat_help for word in ("/image", "/reset", "Ctrl-C", "Ctrl-D", "hub id"))
+
+
+def test_remote_code_is_never_asked_about_nor_run(workdir, tmp_path):
+    """Published configs carry auto_map: transformers would ask on stdin whether to run
+    it, eating the questions piped there. Every piped question must be answered."""
+    shutil.copytree(CHECKPOINT, tmp_path / "published")
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "llava_qwen.LlavaConfig",
+                          "AutoModelForCausalLM": "llava_qwen.LlavaQwen2ForCausalLM"}
+    edit_config(tmp_path / "published", config)
+    r = run(["chat", "image.png", "--model", str(tmp_path / "published"), "--max-tokens", "4"],
+            workdir, stdin=b"Q1\nQ2\nQ3\n")
+    assert r.returncode == 0, r.stderr
+    assert b"custom code" not in r.stdout + r.stderr
+    assert r.stderr.decode().count("TTFT") == 3
+    converted = run(["convert", str(tmp_path / "published"), "--out", str(tmp_path / "mlx")], workdir, stdin=b"")
+    assert converted.returncode == 0, converted.stderr
+    assert b"custom code" not in converted.stdout + converted.stderr
+    assert "auto_map" not in json.loads((tmp_path / "mlx" / "config.json").read_text())
