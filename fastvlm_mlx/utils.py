@@ -192,14 +192,34 @@ def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
     return model
 
 
+def follow_tied_head(config: dict, weights: dict[str, mx.array], where: str | Path) -> tuple[dict, dict]:
+    """Take the language-model head from the config, as the reference (transformers) does.
+
+    apple/FastVLM-0.5B and -1.5B say tie_word_embeddings: true yet store an
+    lm_head.weight: the reference computes logits with embed_tokens, so the stored
+    head is dropped (silently if it equals embed_tokens). Without the key, Qwen2's
+    default applies: untied, unless no head is stored.
+    """
+    heads = [k for k in weights if k.endswith("lm_head.weight")]
+    tied = config.get("tie_word_embeddings", not heads)
+    if tied and heads:
+        prefix = heads[0][: -len("weight")]
+        head = {k[len(prefix):]: weights[k] for k in weights if k.startswith(prefix)}
+        weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+        embed = {k.rsplit("embed_tokens.", 1)[1]: v for k, v in weights.items() if "embed_tokens." in k}
+        if head.keys() != embed.keys() or not all(mx.array_equal(v, embed[k]).item() for k, v in head.items()):
+            print(f"note: {where} sets tie_word_embeddings, so its stored lm_head, which differs from "
+                  "embed_tokens, is not used (as in the reference)", file=sys.stderr)
+    return {**config, "tie_word_embeddings": tied}, weights
+
+
 def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None,
                 where: str | Path) -> Model:
     """Map, cast (unless dtype is None) and check `weights`, then load them into a model.
 
     Shared by the loader and the converter, so both accept and refuse the same things.
     """
-    # Published configs sometimes get tie_word_embeddings wrong: trust the weights.
-    config = {**config, "tie_word_embeddings": not any(k.endswith("lm_head.weight") for k in weights)}
+    config, weights = follow_tied_head(config, weights, where)
     model = Model(ModelArgs.from_dict(config))
     try:
         weights = model.sanitize(weights)

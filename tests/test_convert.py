@@ -19,6 +19,7 @@ from fastvlm_mlx import Chat, load
 from fastvlm_mlx.cli import app
 from fastvlm_mlx.convert import convert
 from fastvlm_mlx.convert.convert import MARKER
+from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
 from fastvlm_mlx.processor import load_image, preprocess
 
 runner = CliRunner()
@@ -231,3 +232,45 @@ def test_unreachable_hub_suggests_a_path(tmp_path):
     assert "Hugging Face hub" in r.stderr and "--model PATH" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def tied_copy(tmp_path: Path, head) -> Path:
+    """The fixture with tie_word_embeddings set, storing `head(embed_tokens)` as lm_head (None: no head)."""
+    path = broken_copy(tmp_path, "tied")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = mx.load(str(path / "model.safetensors"))
+    if head is None:
+        del weights["lm_head.weight"]
+    else:
+        weights["lm_head.weight"] = head(weights["model.embed_tokens.weight"])
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+@pytest.mark.parametrize("head, note", [
+    (None, False),
+    (lambda e: e, False),  # stored and equal to embed_tokens: dropped silently
+    (lambda e: e * 2 + 1, True),  # stored and different: dropped, and said once
+])
+def test_a_tied_config_ties_the_head_as_the_reference_does(head, note, tmp_path, capfd):
+    path = tied_copy(tmp_path, head)
+    model, tokenizer = load(path, dtype=mx.float32)
+    err = capfd.readouterr().err
+    assert ("stored lm_head" in err) == note and err.count("note:") == int(note)
+    lm = model.language_model
+    assert lm.args.tie_word_embeddings and "lm_head" not in lm
+    features = model.encode_image(preprocess(load_image(IMAGE), 256))
+    ids = [1, 2, IMAGE_TOKEN_INDEX, 3]
+    h = lm.model(None, input_embeddings=model.embed(ids, features))[0, -1]
+    expected = h @ lm.model.embed_tokens.weight.T
+    assert rel_err(lm(None, input_embeddings=model.embed(ids, features))[0, -1], expected) <= 1e-6
+    out = convert(path, tmp_path / "mlx")
+    assert "language_model.lm_head.weight" not in mx.load(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_an_untied_config_keeps_its_head(tiny):
+    model, _ = tiny
+    lm = model.language_model
+    assert not lm.args.tie_word_embeddings and "lm_head" in lm
