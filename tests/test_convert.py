@@ -1,5 +1,6 @@
 """`fastvlm-mlx convert`: fidelity, dtypes, quantization, refusals, atomic output, hub cache."""
 
+import importlib
 import json
 import os
 import pickle
@@ -274,3 +275,14 @@ def test_an_untied_config_keeps_its_head(tiny):
     model, _ = tiny
     lm = model.language_model
     assert not lm.args.tie_word_embeddings and "lm_head" in lm
+
+
+def test_unwritable_output_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    """As root every directory is writable, so a read-only one is simulated."""
+    module = importlib.import_module("fastvlm_mlx.convert.convert")
+    read = []
+    monkeypatch.setattr(module, "read_weights", lambda path: read.append(path))
+    monkeypatch.setattr(module.os, "access", lambda path, mode: False)
+    r = cli("convert", str(CHECKPOINT), "--out", str(tmp_path / "sub" / "out"))
+    assert r.exit_code == 2 and f"{tmp_path} is not a writable directory" in r.output
+    assert read == [] and list(tmp_path.iterdir()) == []
