@@ -91,8 +91,8 @@ class ModelArgs:
             if not match:
                 raise FastVLMError(f"unsupported vision tower {tower!r} (FastVLM uses mobileclip_l_<size>)")
             vision = VisionConfig(image_size=int(match.group(1)))
-        heads = config.get("num_attention_heads")
-        text = checked(qwen2.ModelArgs, {"num_key_value_heads": heads, **config, "model_type": "qwen2"})
+        kv_heads = {"num_key_value_heads": config["num_attention_heads"]} if "num_attention_heads" in config else {}
+        text = checked(qwen2.ModelArgs, {**kv_heads, **config, "model_type": "qwen2"})
         if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
             raise FastVLMError(
                 f"config.json: hidden_size {text.hidden_size}, num_attention_heads "

@@ -16,11 +16,11 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
+from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
 from .errors import FastVLMError
 from .fastv import FastV
 from .fastv import prefill as fastv_prefill
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
-from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
 from .processor import first_turn, load_image, next_turn, preprocess, to_rgb
 
 
