@@ -150,8 +150,13 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, as another user's process
     return True
+
+
+def _mark_ours(staging: Path) -> None:
+    """Record this process in `staging`, so a later run can tell when it is stale."""
+    (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
 def remove_stale_staging(parent: Path) -> None:
@@ -171,7 +176,7 @@ def make_staging(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    _mark_ours(staging)
     return staging
 
 
@@ -181,6 +186,7 @@ def replace_with(staging: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.{os.getpid()}.old.partial")
         out.rename(old)
+        _mark_ours(old)  # if killed before it is deleted, the next run removes it
     staging.chmod(0o755)  # mkdtemp made it private
     staging.rename(out)
     if old is not None:
