@@ -46,7 +46,9 @@ def check_outputs(json_path: Optional[Path], plot_path: Optional[Path]) -> None:
 
 def load_model(model: Optional[str], random_size: Optional[str], dtype):
     """The model to time, its tokenizer (None for random weights), what it is, and its load time."""
-    from fastvlm_mlx.utils import load
+    import mlx.core as mx
+
+    from fastvlm_mlx.utils import default_dtype, load
 
     from .harness import DECODERS, random_config, random_model
 
@@ -59,7 +61,7 @@ def load_model(model: Optional[str], random_size: Optional[str], dtype):
         vlm, tokenizer = load(model, dtype)
         return vlm, tokenizer, str(model), time.perf_counter() - start
     size = random_size or "0.5b"
-    vlm = random_model(random_config(size), dtype)
+    vlm = random_model(random_config(size), dtype or default_dtype(mx.bfloat16))  # as published
     source = (f"random weights in the shapes of apple/FastVLM-{size.upper()}"
               + ("" if random_size else " (the default without --model)") + "; nothing downloaded")
     return vlm, None, source, time.perf_counter() - start
@@ -74,7 +76,7 @@ def bench(
     max_tokens: int = typer.Option(32, min=2, help="Tokens to generate per run; decode tokens/s is timed over them."),
     runs: int = typer.Option(5, min=1, help="Counted runs per resolution."),
     warmup: int = typer.Option(1, min=0, help="Uncounted runs first, per resolution."),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on CPU, float16 on GPU)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's own on GPU: bfloat16 for the published ones)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every sample, the summary and the environment here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw TTFT per resolution to this PNG (needs matplotlib)."),
     fastv: Optional[str] = typer.Option(None, help="Also time the prefill with FastV pruning K:R (e.g. 2:0.5), side by side."),
@@ -88,7 +90,7 @@ def bench(
     from rich.console import Console
 
     from fastvlm_mlx.fastv import FastV
-    from fastvlm_mlx.utils import default_dtype, keep_freed_buffers, parse_dtype
+    from fastvlm_mlx.utils import keep_freed_buffers, parse_dtype
 
     from .flops import matmul_peak
     from .harness import check_request, dtype_name, environment, model_info, prompt_ids
@@ -97,10 +99,10 @@ def bench(
     keep_freed_buffers()
     err = Console(stderr=True, soft_wrap=True)
     with exit_codes():
-        mx_dtype = parse_dtype(dtype) or default_dtype()
         sweep = parse_resolutions(resolution, resolutions)
         check_outputs(json_path, plot_path)
-        vlm, tokenizer, source, load_s = load_model(model, random_size, mx_dtype)
+        vlm, tokenizer, source, load_s = load_model(model, random_size, parse_dtype(dtype))
+        mx_dtype = vlm.dtype
         pruning = FastV.parse(fastv, vlm.args.text_config.num_hidden_layers) if fastv else None
         ids = prompt_ids(tokenizer, prompt_tokens, vlm.args.text_config.vocab_size)
         sweep = sweep or [vlm.args.vision_config.image_size]

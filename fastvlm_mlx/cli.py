@@ -125,13 +125,14 @@ def chat(
     system: str = typer.Option(DEFAULT_SYSTEM, help="The system prompt."),
     fastv: Optional[str] = typer.Option(None, help="FastV pruning K:R: drop the fraction R of visual tokens at layer K (e.g. 2:0.5)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Refuse larger images before decoding them."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 weights (default: float32 on CPU, the checkpoint's own elsewhere)."),
 ) -> None:
     with exit_codes():
         import mlx.core as mx
 
         from .generation import Chat
         from .processor import check_text, load_image
-        from .utils import keep_freed_buffers, load, reference_blas_warning
+        from .utils import keep_freed_buffers, load, parse_dtype, reference_blas_warning
 
         keep_freed_buffers()
 
@@ -140,8 +141,9 @@ def chat(
         check_text(system, "the system prompt")
         if resolution is not None and resolution <= 0:
             raise FastVLMError(f"--resolution must be a positive multiple of 64, got {resolution}")
+        weights_dtype = parse_dtype(dtype)
         picture = load_image(image, max_pixels)  # fail on a bad image before loading a model
-        vlm, tokenizer = load(model)
+        vlm, tokenizer = load(model, weights_dtype)
         if warning := reference_blas_warning():
             print(_dim(f"warning: {warning}"), file=sys.stderr)
         if seed is not None:

@@ -151,6 +151,11 @@ class Model(nn.Module):
         for layer in self.language_model.layers:
             layer.mlp = MLP(text.hidden_size, text.intermediate_size)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The weights' dtype (the projector is never quantized)."""
+        return self.mm_projector.linear_1.weight.dtype
+
     def encode_image(self, pixels: mx.array) -> mx.array:
         """[1, H, W, 3] in [0, 1] -> projected image features [1, N, d]."""
         return self.mm_projector(self.image_embeddings(pixels))

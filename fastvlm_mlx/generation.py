@@ -185,9 +185,11 @@ class Chat:
         start = time.perf_counter()
         self.features = memo.features.get(key)
         if self.features is None:
-            self.features = self.model.encode_image(preprocess(image, self.resolution))
-            mx.eval(self.features)  # computed once, reused by every turn
-            memo.remember_features(key, self.features)
+            features = self.model.encode_image(preprocess(image, self.resolution))
+            mx.eval(features)  # computed once, reused by every turn
+            check_finite(features, "the vision tower's image features")
+            self.features = features
+            memo.remember_features(key, features)
         else:
             memo.features.move_to_end(key)
         self.vision_s = time.perf_counter() - start
@@ -249,7 +251,8 @@ class Chat:
             start = time.perf_counter()
             logprobs = prefill(self.model, new, self.features, self.cache, self.fastv)
             first = sampler(logprobs)
-            mx.eval(first)
+            mx.eval(first, logprobs)
+            check_finite(logprobs, "the decoder's logits in the prefill")
             stats.prefill_s = time.perf_counter() - start
             self._remember_prefix(full)
             if self.fastv and IMAGE_TOKEN_INDEX in new:
@@ -265,11 +268,14 @@ class Chat:
                 sampled.append(token)
                 stats.generation_tokens = len(sampled)
                 stats.decode_s = time.perf_counter() - start - stats.prefill_s
+                done = token in self.stop_ids or len(sampled) == max_tokens
+                if done or len(sampled) % FINITE_CHECK_EVERY == 0:
+                    check_finite(logprobs, f"the decoder's logits at answer token {len(sampled)}")
                 if token in self.stop_ids:
                     finish = "stop"
                     break
                 piece = text.add(token)
-                if len(sampled) == max_tokens:
+                if done:
                     break
                 yield GenerationResponse(piece, token, logprobs, None, stats)
                 if turn != self._turn:  # superseded while suspended: touch nothing more
@@ -334,6 +340,19 @@ class Chat:
         if offset < slot + self.visual_tokens:
             return slot
         return min(offset - self.visual_tokens + 1, len(ids))
+
+
+# A check waits for the step generate_step has already queued, so decoding checks
+# its logits every few tokens and at the end, not at each one.
+FINITE_CHECK_EVERY = 16
+
+
+def check_finite(x: mx.array, what: str) -> None:
+    """Refuse values that overflowed (half precision's range is narrow) instead of
+    turning them into garbage text."""
+    if not mx.isfinite(x).all().item():
+        raise FastVLMError(f"{what} came out non-finite (inf or NaN) in {str(x.dtype).rsplit('.', 1)[-1]}: "
+                           "half precision overflowed; run in float32 (--dtype float32)")
 
 
 def _masked(sampler, mask: mx.array):

@@ -31,9 +31,20 @@ def parse_dtype(name: str | None) -> mx.Dtype | None:
     return DTYPES[name]
 
 
-def default_dtype() -> mx.Dtype:
-    """float32 on the CPU backend, where half-precision matmuls bypass BLAS."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+def default_dtype(stored: mx.Dtype) -> mx.Dtype:
+    """float32 on the CPU backend, where half-precision matmuls bypass BLAS; elsewhere
+    the checkpoint's own dtype (bfloat16 for the published ones): float16's range is
+    narrower, and late tower activations on real images come near it."""
+    return mx.float32 if mx.default_device() == mx.cpu else stored
+
+
+def stored_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
+    """The floating dtype that holds most of a checkpoint's numbers."""
+    sizes: dict[mx.Dtype, int] = {}
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.size
+    return max(sizes, key=sizes.get) if sizes else mx.float32
 
 
 def keep_freed_buffers() -> None:
@@ -186,8 +197,9 @@ def load_weights(path: Path) -> dict[str, mx.array]:
 
 def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
     """Build the model from config.json and load its weights in either layout."""
-    dtype = dtype or default_dtype()
-    model = build_model(load_config(path), load_weights(path), dtype, path)
+    weights = load_weights(path)
+    dtype = dtype or default_dtype(stored_dtype(weights))
+    model = build_model(load_config(path), weights, dtype, path)
     model.vision_tower.set_dtype(compute_dtype(dtype))
     return model
 
