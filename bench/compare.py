@@ -38,7 +38,7 @@ from rich.table import Table
 from fastvlm_mlx.convert import convert
 from fastvlm_mlx.errors import FastVLMError, exit_codes
 from fastvlm_mlx.fastvithd import AttentionBlock, RepMixerBlock, VisionConfig
-from fastvlm_mlx.fastvlm import HF_TOWER_PREFIX, Model
+from fastvlm_mlx.fastvlm import BN_EPS, HF_TOWER_PREFIX, Model
 from fastvlm_mlx.generation import prefill
 from fastvlm_mlx.processor import preprocess
 from fastvlm_mlx.utils import BLAS_HINT, keep_freed_buffers, load_model, parse_dtype
@@ -50,7 +50,6 @@ from .report import ms
 MISSING = "the mlx-vlm comparison needs mlx-vlm: pip install -e '.[compare]'"
 SAMPLES = ("vision_s", "prefill_s", "ttft_s")
 HEAD_DIM = 768  # mobileclip_l's CLIP head (head.proj [3072, 768]): unused, but published
-BN_EPS = 1e-5
 LAYER_SCALES = {RepMixerBlock: ["layer_scale"], AttentionBlock: ["layer_scale_1", "layer_scale_2"]}
 
 
@@ -63,7 +62,7 @@ def require_mlx_vlm() -> None:
 
 
 def hf_weights(model: Model) -> dict[str, mx.array]:
-    """Our parameters in the published HF/LLaVA layout: the inverse of sanitize_hf_weights.
+    """Our parameters in the published HF/LLaVA layout: the inverse of HF_LAYOUT.sanitize.
 
     The folded ConvFFN conv is stored as the conv plus an identity BatchNorm
     (1 - eps + eps is exactly 1 in float32), so folding it again is exact.

@@ -60,6 +60,7 @@ def random_config(size: str) -> dict:
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "max_position_embeddings": 32768,
+        "tokenizer_model_max_length": 8192,
         "mm_vision_tower": "mobileclip_l_1024",
         "mm_hidden_size": 3072,
         "mm_projector_type": "mlp2x_gelu",
@@ -251,7 +252,7 @@ def check_request(model: Model, resolutions: list[int], ids: list[int], max_toke
     if max_tokens < 2:
         raise FastVLMError(f"--max-tokens must be at least 2 to time decoding, got {max_tokens}")
     side = model.args.vision_config.stride
-    context = model.args.text_config.max_position_embeddings
+    context = model.args.context_length
     for r in resolutions:
         model.args.vision_config.check_resolution(r)
         length = len(ids) - 1 + (r // side) ** 2 + max_tokens

@@ -67,7 +67,7 @@ def render(report: Report, console: Console) -> None:
         f"mlx {env['mlx']}" + (f", BLAS {blas['name']}" if blas else "")
     )
     console.print(
-        f"weights {_bytes(model['weights_bytes'])}, loaded in {model['load_s']:.2f} s; "
+        f"weights {_bytes(model['weights_bytes'])} in memory ({env['dtype']}), loaded in {model['load_s']:.2f} s; "
         f"matmul peak {peak['gflops']:,.0f} GFLOP/s ({peak['size']}x{peak['size']} {peak['dtype']})"
     )
     if report.blas_warning():

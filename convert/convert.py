@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -23,31 +22,14 @@ from mlx_lm.utils import save_model
 
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
+from fastvlm_mlx.hub import fetch
 from fastvlm_mlx.utils import (TOKENIZER_FILES, build_model, check_tokenizer, is_hub_id, load,
-                               load_config, load_weights, parse_dtype)
+                               load_config, load_weights, parse_dtype, refuse_coreml_export)
 
 from .torch_pickle import INDEX_NAME, load_torch_checkpoint
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "merges.txt"]
 MARKER = ".fastvlm-mlx-convert"  # in every directory convert writes: --force replaces only these
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
-
-
-def fetch(repo_id: str, revision: str | None = None) -> Path:
-    """Download only config, weights and tokenizer files of a hub repo (progress on stderr)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except ValueError as e:  # huggingface_hub's validation of the id or revision
-        raise FastVLMError(f"{repo_id!r} is not a usable hub id: {str(e).splitlines()[0]}") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FastVLMError(
-            f"cannot fetch {repo_id} from the Hugging Face hub ({reason}); "
-            "check the network or pass --model PATH to a local checkpoint"
-        ) from None
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
@@ -68,12 +50,7 @@ def read_weights(path: Path) -> dict[str, mx.array]:
 def check_source(path: Path) -> None:
     if not path.is_dir():
         raise FastVLMError(f"checkpoint not found: {path}")
-    if any(path.rglob("*.mlpackage")):
-        raise FastVLMError(
-            f"{path} is an MLX export with a CoreML vision tower (fastvithd.mlpackage): its "
-            "vision weights are CoreML, not tensors; convert the PyTorch/HF checkpoint "
-            "(e.g. apple/FastVLM-0.5B) instead"
-        )
+    refuse_coreml_export(path)
     if not (path / "config.json").is_file():
         raise FastVLMError(f"{path} has no config.json: not a model checkpoint")
     check_tokenizer(path)
@@ -93,6 +70,8 @@ def output_config(config: dict, model: nn.Module, bits: int | None, group_size: 
     )
     if bits:
         out["quantization"] = {"group_size": group_size, "bits": bits}
+    elif "quantization" in config:  # a quantized source (mlx-community's -4bit, -8bit) stays so
+        out["quantization"] = config["quantization"]
     return out
 
 
@@ -222,15 +201,13 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
     path = Path(source).expanduser()
     check_output(out, path, force)
     if not path.exists() and is_hub_id(source):
-        path = fetch(source, revision)
+        path = fetch(source, revision, pickles=True)
     check_source(path)
 
     config = load_config(path)
-    weights = read_weights(path)
     # Without --dtype nothing is cast: tensors keep the checkpoint's type and the
     # BatchNorm folds, new numbers, stay float32, so the conversion is lossless.
-    model = build_model(config, weights, target, path)
-    del weights
+    model = build_model(config, read_weights(path), target, path)
     if quantize:
         nn.quantize(model.language_model, group_size=group_size, bits=quantize,
                     class_predicate=lambda _, m: hasattr(m, "to_quantized")
@@ -253,6 +230,7 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
         for name in TOKENIZER_FILES + ("generation_config.json",):
             if (path / name).is_file():
                 shutil.copyfile(path / name, staging / name)
+        del model  # verify loads the result: never two models in memory at once
         if verify_output:
             verify(staging)
         (staging / MARKER).write_text(json.dumps({"converted_from": source}))
@@ -263,15 +241,4 @@ def convert(source: str | Path, out: str | Path | None = None, dtype: str | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
-
-
-def cached_conversion(repo_id: str, revision: str | None = None, dtype: str | None = None) -> Path:
-    """Convert a hub model once into the user cache, keyed by repo, revision and dtype."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvlm-mlx"
-    out = root / repo_id.replace("/", "--") / f"{revision or 'main'}-{dtype or 'stored'}"
-    if not out.is_dir():
-        source = fetch(repo_id, revision)
-        print(f"Converting {repo_id} for first use into {out}", file=sys.stderr)
-        convert(source, out, dtype=dtype)
     return out

@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Apple's FastVLM vision-language models, natively on MLX.")
 
 HELP_LINE = "/image PATH changes the picture, /reset clears the history, Ctrl-C stops an answer, Ctrl-D exits."
-MODEL_HELP = "A hub id (e.g. apple/FastVLM-1.5B, converted once into ~/.cache/fastvlm-mlx) or a model directory (ours or the published layout)."
+MODEL_HELP = "A hub id (e.g. apple/FastVLM-1.5B, mlx-community/FastVLM-0.5B-4bit) or a model directory, in any published layout or ours."
 
 
 def _version(value: bool) -> None:

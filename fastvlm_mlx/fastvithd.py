@@ -2,7 +2,7 @@
 
 Every convolution is the reparameterized (inference) form stored in the
 checkpoints: one conv with bias. The module names match the reference so the
-weight mapping is mostly a prefix change (see fastvlm.sanitize_weights).
+weight mapping is mostly a prefix change (see fastvlm.LAYOUTS).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -13,10 +14,10 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from .errors import FastVLMError
-from .fastvithd import FastViTHD, VisionConfig, exp_shifted
+from .fastvithd import FastViTHD, PatchEmbed, RepCPE, VisionConfig, exp_shifted
 
 IMAGE_TOKEN_INDEX = -200  # the reference's marker for the image slot in input ids
-MODEL_TYPES = ("llava_qwen2", "fastvlm")
+MODEL_TYPES = ("llava_qwen2", "fastvlm", "fast_vlm")
 HF_TOWER_PREFIX = "model.vision_tower.vision_tower.model."
 
 
@@ -63,11 +64,23 @@ def checked(cls, params: dict, section: str = "config.json"):
     return cls(**{k: v for k, v in params.items() if k in names})
 
 
+def flat_config(config: dict) -> dict:
+    """transformers' port (fast_vlm) nests the decoder's config in text_config: lift it
+    to the top, where LLaVA's and mlx-vlm's configs keep it."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    outer = {k: v for k, v in config.items() if k not in ("text_config", "tie_word_embeddings")}
+    tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    return {**text, **outer, **({} if tied is None else {"tie_word_embeddings": tied})}
+
+
 @dataclass
 class ModelArgs:
     text_config: qwen2.ModelArgs
     vision_config: VisionConfig
     mm_hidden_size: int
+    context_length: int  # positions a conversation may use: the reference truncates at this
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
@@ -80,12 +93,13 @@ class ModelArgs:
         projector = config.get("mm_projector_type", "mlp2x_gelu")
         if projector != "mlp2x_gelu":
             raise FastVLMError(f"unsupported mm_projector_type {projector!r} (FastVLM uses mlp2x_gelu)")
-        if "vision_config" in config:
-            if not isinstance(config["vision_config"], dict):
-                raise FastVLMError("config.json: vision_config must be an object")
-            vision = checked(VisionConfig, config["vision_config"], "config.json's vision_config")
+        described = config.get("vision_config", {})
+        if not isinstance(described, dict):
+            raise FastVLMError("config.json: vision_config must be an object")
+        if described.keys() & {"layers", "embed_dims"}:  # a tower of other shapes, stage by stage
+            vision = checked(VisionConfig, described, "config.json's vision_config")
             vision.check()
-        else:
+        else:  # the published FastViTHD: mlx-vlm's and transformers' vision_config only restate it
             tower = config.get("mm_vision_tower", "mobileclip_l_1024")
             match = re.fullmatch(r"mobileclip_l_(\d+)", str(tower))
             if not match:
@@ -105,7 +119,11 @@ class ModelArgs:
                 f"config mismatch: mm_hidden_size is {mm_hidden} but the vision tower "
                 f"emits {vision.hidden_size} channels"
             )
-        return cls(text_config=text, vision_config=vision, mm_hidden_size=mm_hidden)
+        context = config.get("tokenizer_model_max_length", text.max_position_embeddings)
+        if not _fits(context, int):
+            raise FastVLMError(f"config.json: tokenizer_model_max_length must be a positive int, got {context!r}")
+        return cls(text_config=text, vision_config=vision, mm_hidden_size=mm_hidden,
+                   context_length=min(context, text.max_position_embeddings))
 
 
 class Projector(nn.Module):
@@ -194,14 +212,17 @@ class Model(nn.Module):
         return lm.lm_head(h)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map a published (HF/LLaVA, PyTorch layout) state dict to this model.
+        """Map a state dict in any published layout (see LAYOUTS) to this model.
 
-        Weights already in MLX layout (no "model." keys) pass through, but for
-        layer scales, which both get folded. This is the one mapping the
-        converter uses too.
+        Weights already in our layout pass through, but for layer scales, which
+        all layouts store and we fold. This is the one mapping the converter uses too.
         """
-        if any(k.startswith("model.") for k in weights):
-            weights = sanitize_hf_weights(weights)
+        if any(k.startswith(COREML_EXPORT_KEY) for k in weights):
+            raise FastVLMError(COREML_EXPORT)
+        for layout in LAYOUTS:
+            if any(k.startswith(layout.tower) for k in weights):
+                weights = layout.sanitize(weights, self.vision_tower)
+                break
         return fold_layer_scales(weights)
 
 
@@ -232,40 +253,122 @@ def fold_layer_scales(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def sanitize_hf_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """HF/LLaVA keys and PyTorch layouts -> our keys, NHWC conv weights, folded BN."""
-    out: dict[str, mx.array] = {}
-    bn: dict[str, dict[str, mx.array]] = {}
-    for key, value in weights.items():
-        if key.startswith(HF_TOWER_PREFIX):
-            name = key[len(HF_TOWER_PREFIX):]
-            if name.startswith("head."):
-                continue  # the classifier head is not used by FastVLM
-            if ".convffn.conv." in name:
-                prefix, leaf = name.split(".convffn.conv.", 1)
-                bn.setdefault(prefix, {})[leaf] = value
+BN_EPS = 1e-5
+
+COREML_EXPORT_KEY = "multi_modal_projector.linear_0."
+COREML_EXPORT = (
+    "this is Apple's MLX export for the FastVLM app: its vision tower is a CoreML model "
+    "(fastvithd.mlpackage), not tensors; use the PyTorch/HF checkpoint (e.g. apple/FastVLM-0.5B) "
+    "or an mlx-community/FastVLM-* one instead"
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a published layout keeps the tower, the projector (a Sequential: Linear 0,
+    GELU, Linear 2) and the decoder, and how it stores convolutions. Every layout keeps
+    the ConvFFN BatchNorms unfolded and the layer scales apart."""
+
+    name: str
+    tower: str
+    projector: str
+    decoder: tuple[tuple[str, str], ...]  # (their prefix, ours)
+    nhwc: bool  # convolutions [O, kH, kW, I/g] as MLX wants, else PyTorch's [O, I/g, kH, kW]
+    projector_layers: tuple[str, str] = ("0", "2")  # their names of the two Linear layers
+    tower_names: Callable[[str, FastViTHD], str] | None = None  # their tower key -> the reference's
+
+    def sanitize(self, weights: dict[str, mx.array], tower: FastViTHD) -> dict[str, mx.array]:
+        """Their keys and layouts -> ours, BatchNorms folded into their convs."""
+        out: dict[str, mx.array] = {}
+        bn: dict[str, dict[str, mx.array]] = {}
+        for key, value in weights.items():
+            if key.startswith(self.tower):
+                name = key[len(self.tower):]
+                if self.tower_names:
+                    name = self.tower_names(name, tower)
+                if name.startswith("head."):
+                    continue  # the classifier head is not used by FastVLM
+                if ".convffn.conv." in name:
+                    prefix, leaf = name.split(".convffn.conv.", 1)
+                    bn.setdefault(prefix, {})[leaf] = value
+                    continue
+                if value.ndim == 4 and not self.nhwc:
+                    value = value.transpose(0, 2, 3, 1)
+                out["vision_tower." + name] = value
+            elif key.startswith(self.projector):
+                layer, leaf = key[len(self.projector):].split(".", 1)
+                if layer not in self.projector_layers:
+                    raise FastVLMError(f"unexpected weight {key!r}: the projector is Linear, GELU, Linear")
+                out[f"mm_projector.linear_{self.projector_layers.index(layer) + 1}.{leaf}"] = value
+            elif "rotary_emb.inv_freq" in key:
                 continue
-            if value.ndim == 4:
-                value = value.transpose(0, 2, 3, 1)  # [O, I/g, kH, kW] -> [O, kH, kW, I/g]
-            out["vision_tower." + name] = value
-        elif key.startswith("model.mm_projector."):
-            index, leaf = key[len("model.mm_projector."):].split(".", 1)
-            out[f"mm_projector.linear_{int(index) // 2 + 1}.{leaf}"] = value
-        elif key.startswith("model."):
-            if "rotary_emb.inv_freq" not in key:
-                out["language_model." + key] = value
-        elif key == "lm_head.weight":
-            out["language_model.lm_head.weight"] = value
-        else:
-            raise FastVLMError(f"unexpected weight {key!r}: not a FastVLM checkpoint")
-    for prefix, p in bn.items():
+            else:
+                theirs, ours = next(((t, o) for t, o in self.decoder if key.startswith(t)), (None, None))
+                if theirs is None:
+                    raise FastVLMError(f"unexpected weight {key!r} in a {self.name} checkpoint")
+                out[ours + key[len(theirs):]] = value
+        for prefix, p in bn.items():
+            out.update(self._fold_batch_norm(prefix, p))
+        return out
+
+    def _fold_batch_norm(self, prefix: str, p: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The ConvFFN's depthwise conv and its inference BatchNorm as one conv with bias (float32)."""
         try:
             w, gamma, beta = p["conv.weight"], p["bn.weight"], p["bn.bias"]
             mean, var = p["bn.running_mean"], p["bn.running_var"]
         except KeyError as e:
             raise FastVLMError(f"checkpoint lacks {prefix}.convffn.conv.{e.args[0]}") from None
-        scale = gamma.astype(mx.float32) * mx.rsqrt(var.astype(mx.float32) + 1e-5)
+        scale = gamma.astype(mx.float32) * mx.rsqrt(var.astype(mx.float32) + BN_EPS)
         w = w.astype(mx.float32) * scale.reshape(-1, 1, 1, 1)
-        out[f"vision_tower.{prefix}.convffn.conv.weight"] = w.transpose(0, 2, 3, 1)
-        out[f"vision_tower.{prefix}.convffn.conv.bias"] = beta.astype(mx.float32) - mean.astype(mx.float32) * scale
-    return out
+        return {f"vision_tower.{prefix}.convffn.conv.weight": w if self.nhwc else w.transpose(0, 2, 3, 1),
+                f"vision_tower.{prefix}.convffn.conv.bias":
+                    beta.astype(mx.float32) - mean.astype(mx.float32) * scale}
+
+
+def mlx_vlm_tower_names(name: str, tower: FastViTHD) -> str:
+    """mlx-vlm calls the stem patch_embed.blocks; otherwise its names are the reference's."""
+    return re.sub(r"^patch_embed\.blocks\.", "patch_embed.", name)
+
+
+# timm's fastvit_mci3 names (the transformers port) -> the reference's, within a block.
+TIMM_NAMES = ((r"^stem\.", "patch_embed."), (r"^final_conv\.", "conv_exp."),
+              (r"\.se\.fc1\.", ".se.reduce."), (r"\.se\.fc2\.", ".se.expand."),
+              (r"\.mlp\.", ".convffn."), (r"\.(layer_scale(?:_[12])?)\.gamma$", r".\1"),
+              (r"\.proj\.0\.reparam_conv\.", ".proj.0.lkb_reparam."))
+
+
+def timm_tower_names(name: str, tower: FastViTHD) -> str:
+    """timm groups the reference's flat network list into stages of [downsample,
+    pos_emb,] blocks: stages.S.<part> -> network.I, I counted off our own network."""
+    parts, stage = {}, 0
+    for i, entry in enumerate(tower.network):
+        if isinstance(entry, PatchEmbed):
+            parts[f"stages.{stage}.downsample"] = f"network.{i}"  # leads into stage `stage`
+        elif isinstance(entry, RepCPE):
+            parts[f"stages.{stage}.pos_emb"] = f"network.{i}"
+        else:
+            parts[f"stages.{stage}.blocks"] = f"network.{i}"
+            stage += 1
+    match = re.match(r"stages\.\d+\.(?:downsample|pos_emb|blocks)", name)
+    if match and match.group(0) in parts:
+        name = parts[match.group(0)] + name[match.end():]
+    for pattern, replacement in TIMM_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+LAYOUTS = (
+    # apple/FastVLM-* (LLaVA's save_pretrained), and Apple's .bin/.pt checkpoints.
+    Layout("HF/LLaVA", tower=HF_TOWER_PREFIX, projector="model.mm_projector.",
+           decoder=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+           nhwc=False),
+    # mlx-community/FastVLM-* (mlx-vlm's converter), quantized ones included.
+    Layout("mlx-vlm", tower="vision_tower.vision_model.", projector="mm_projector.",
+           decoder=(("language_model.", "language_model."),), nhwc=True, tower_names=mlx_vlm_tower_names),
+    # transformers' port (model_type fast_vlm): timm's fastvit_mci3 tower, LLaVA's projector names.
+    Layout("transformers fast_vlm", tower="model.vision_tower.timm_model.",
+           projector="model.multi_modal_projector.",
+           decoder=(("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+           nhwc=False, projector_layers=("linear_1", "linear_2"), tower_names=timm_tower_names),
+)
+HF_LAYOUT = LAYOUTS[0]

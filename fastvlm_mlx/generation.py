@@ -155,7 +155,7 @@ class Chat:
         vision = model.args.vision_config
         self.resolution = vision.image_size if resolution is None else resolution
         vision.check_resolution(self.resolution)
-        self.context = model.args.text_config.max_position_embeddings
+        self.context = model.args.context_length
         visual = (self.resolution // vision.stride) ** 2
         if visual + len(first_turn(tokenizer, system, "")) > self.context:
             raise FastVLMError(

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from .defaults import DEFAULT_MODEL
 from .errors import FastVLMError
-from .fastvlm import Model, ModelArgs, compute_dtype
+from .fastvlm import COREML_EXPORT, Model, ModelArgs, compute_dtype, flat_config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -111,21 +111,28 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local directory as is; a hub id is converted once into the cache, then reused."""
+    """A local directory as is; a hub id as its snapshot in the Hugging Face cache."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise FastVLMError(f"--model must be a directory, got the file {path}")
     if is_hub_id(model):
-        from fastvlm_mlx.convert.convert import cached_conversion
+        from .hub import fetch
 
-        return cached_conversion(model)
+        return fetch(model)
     raise FastVLMError(f"model directory not found: {path}")
+
+
+def refuse_coreml_export(path: Path) -> None:
+    """Apple's MLX exports for the FastVLM app keep the vision tower as a CoreML model."""
+    if any(path.rglob("*.mlpackage")):
+        raise FastVLMError(f"{path}: {COREML_EXPORT}")
 
 
 def check_model_dir(path: Path) -> None:
     """Name the first missing piece of a model directory before loading anything."""
+    refuse_coreml_export(path)
     if not (path / "config.json").is_file():
         raise FastVLMError(f"{path} has no config.json: not a model directory")
     if not any(path.glob("*.safetensors")):
@@ -174,7 +181,7 @@ def read_weight_map(index: Path) -> dict[str, Path]:
 
 
 def load_config(path: Path) -> dict:
-    return read_json(path / "config.json")
+    return flat_config(read_json(path / "config.json"))
 
 
 def load_weights(path: Path) -> dict[str, mx.array]:
@@ -267,6 +274,46 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     return model
 
 
+def _sides(value) -> set:
+    """The pixel sides a preprocessor's size or crop_size entry names."""
+    if isinstance(value, dict):
+        return {v for k, v in value.items() if k in ("height", "width", "shortest_edge")}
+    return {value} if value is not None else set()
+
+
+def check_preprocessor(path: Path, image_size: int) -> None:
+    """Hold a checkpoint's preprocessor_config.json to what FastVLM's towers were trained on.
+
+    FastVLM's pixels are only scaled to [0, 1] (mean 0, std 1, the padding black);
+    a file that normalizes otherwise describes a different model, so it is refused.
+    A size other than the tower's, or a resampling other than bicubic, gets a note.
+    """
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return
+    pre = read_json(file)
+    for key, fastvlm in (("image_mean", 0.0), ("image_std", 1.0)):
+        value = pre.get(key)
+        if value is None or pre.get("do_normalize") is False:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and abs(v - fastvlm) <= 1e-6 for v in values):
+            raise FastVLMError(f"{file} sets {key} {value!r}, but FastVLM's towers take pixels in [0, 1] "
+                               f"as they are ({key} {fastvlm:g}): not a FastVLM preprocessor")
+    rescale = pre.get("rescale_factor")
+    if rescale is not None and pre.get("do_rescale") is not False and (
+            not isinstance(rescale, (int, float)) or abs(rescale * 255 - 1) > 1e-6):
+        raise FastVLMError(f"{file} sets rescale_factor {rescale!r}; FastVLM scales pixels by 1/255")
+    sides = _sides(pre.get("crop_size")) | _sides(pre.get("size"))
+    if sides - {image_size}:
+        print(f"note: {file} names {'/'.join(map(str, sorted(sides)))} px, the tower's config "
+              f"{image_size} px; images are encoded at {image_size} (--resolution picks another)",
+              file=sys.stderr)
+    if pre.get("resample", 3) not in (3, "bicubic"):
+        print(f"note: {file} asks for resample {pre['resample']!r}; FastVLM's reference "
+              "preprocessing, used here, is bicubic", file=sys.stderr)
+
+
 def load_tokenizer(path: Path):
     """mlx-lm's tokenizer wrapper (it carries the streaming detokenizer)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -285,7 +332,9 @@ def load(model: str | Path = DEFAULT_MODEL, dtype: mx.Dtype | None = None) -> tu
     """Load a FastVLM model and its tokenizer from a directory (MLX or published layout)."""
     path = resolve_model_path(str(model))
     check_model_dir(path)
-    ModelArgs.from_dict(load_config(path))  # a broken config is named before the tokenizer trips on it
+    # A broken config or preprocessor is named before the tokenizer trips on it.
+    args = ModelArgs.from_dict(load_config(path))
+    check_preprocessor(path, args.vision_config.image_size)
     tokenizer = load_tokenizer(path)
     return load_model(path, dtype), tokenizer
 

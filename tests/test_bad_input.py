@@ -59,6 +59,8 @@ def workdir(tmp_path_factory) -> Path:
             json.dumps({"weight_map": {"x": "model-2.safetensors"}})),
         "bad-quant": lambda p: edit_config(p, {**json.loads((p / "config.json").read_text()),
                                                "quantization": {"bits": 4, "group_size": 7}}),
+        "clip-pre": lambda p: (p / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.27] * 3})),
     }
     for name, damage in broken.items():
         shutil.copytree(CHECKPOINT, root / name)
@@ -112,6 +114,8 @@ CASES = [
     (["chat", "image.png", "--model", "index-elsewhere", *ASK], "names the shard '../../model.safetensors', which is not a file beside it"),
     (["chat", "image.png", "--model", "index-missing", *ASK], "names model-2.safetensors, which is missing"),
     (["chat", "image.png", "--model", "bad-quant", *ASK], "quantization"),
+    (["chat", "image.png", "--model", "clip-pre", *ASK], "not a FastVLM preprocessor"),
+    (["chat", "image.png", *TINY, *ASK, "--dtype", "int8"], "--dtype takes one of"),
     # convert: what --out may replace
     (["convert", "ckpt", "--out", ".", "--force"], "--out . holds the source checkpoint; --force will not replace it"),
     (["convert", str(CHECKPOINT), "--out", ".", "--force"], "holds the current directory; --force will not replace it"),

@@ -58,3 +58,85 @@ def test_overflowing_decode_logits_are_refused_within_a_few_tokens(fresh, monkey
         for response in chat.ask(QUESTION, max_tokens=64):
             answered.append(response.token)
     assert 1 <= len(answered) < FINITE_CHECK_EVERY  # the first token came from a finite prefill
+
+
+def checkpoint_copy(tmp_path, **config_changes):
+    """The fixture checkpoint with its config.json changed (None removes a key)."""
+    import json
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINT, out)
+    config = json.loads((out / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_context_is_the_checkpoints_tokenizer_model_max_length(tmp_path):
+    """The reference truncates at tokenizer_model_max_length (8192 published): a
+    conversation longer than that is refused, an answer stops at it."""
+    model, tokenizer = load(checkpoint_copy(tmp_path, tokenizer_model_max_length=200), dtype=mx.float32)
+    assert model.args.context_length == 200
+    chat = Chat(model, tokenizer, IMAGE)
+    with pytest.raises(FastVLMError, match="context is 200"):
+        list(chat.ask("word " * 200))
+    chat.stop_ids = set()
+    prompt = chat.expanded_length(chat.prompt_ids(QUESTION))
+    assert len(list(chat.ask(QUESTION, max_tokens=1000))) == 200 - prompt
+    # Without it, max_position_embeddings bounds the conversation, as before.
+    model, _ = load(checkpoint_copy(tmp_path / "b", tokenizer_model_max_length=None), dtype=mx.float32)
+    assert model.args.context_length == model.args.text_config.max_position_embeddings == 4096
+
+
+@pytest.mark.parametrize("value", [0, -5, "8192", 1.5, True])
+def test_bad_tokenizer_model_max_length_is_refused(tmp_path, value):
+    with pytest.raises(FastVLMError, match="tokenizer_model_max_length must be a positive int"):
+        load(checkpoint_copy(tmp_path, tokenizer_model_max_length=value))
+
+
+def with_preprocessor(tmp_path, **entries):
+    import json
+
+    out = checkpoint_copy(tmp_path)
+    (out / "preprocessor_config.json").write_text(json.dumps(entries))
+    return out
+
+
+# mlx-community/FastVLM-*'s file (FastVLMImageProcessor) and Apple's export's (CLIPImageProcessor).
+PUBLISHED_PREPROCESSORS = [
+    dict(crop_size={"height": 256, "width": 256}, do_center_crop=True, do_normalize=True, do_rescale=True,
+         image_mean=[0, 0, 0], image_std=[1, 1, 1], resample=3, rescale_factor=0.00392156862745098,
+         size={"shortest_edge": 256}, image_processor_type="FastVLMImageProcessor"),
+    dict(crop_size={"height": 256, "width": 256}, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+         resample=3, rescale_factor=1 / 255, size={"shortest_edge": 256},
+         image_processor_type="CLIPImageProcessor"),
+]
+
+
+@pytest.mark.parametrize("entries", PUBLISHED_PREPROCESSORS)
+def test_fastvlm_preprocessors_load_quietly(tmp_path, entries, capfd):
+    load(with_preprocessor(tmp_path, **entries))
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("entries, message", [
+    (dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]),
+     "sets image_mean .* not a FastVLM preprocessor"),
+    (dict(image_mean=[0, 0, 0], image_std=[0.5, 0.5, 0.5]), "sets image_std"),
+    (dict(image_mean="zero"), "sets image_mean 'zero'"),
+    (dict(rescale_factor=1.0), "rescale_factor 1.0"),
+])
+def test_other_normalizations_are_refused(tmp_path, entries, message):
+    with pytest.raises(FastVLMError, match=message):
+        load(with_preprocessor(tmp_path, **entries))
+
+
+def test_other_sizes_and_resampling_get_a_note(tmp_path, capfd):
+    load(with_preprocessor(tmp_path, size={"shortest_edge": 1024}, resample=2))
+    err = capfd.readouterr().err
+    assert "names 1024 px, the tower's config 256 px" in err and "resample 2" in err

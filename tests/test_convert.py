@@ -200,29 +200,6 @@ def test_stale_staging_of_a_killed_conversion_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.2.partial", ".c.3.partial", ".d.4.partial", "out"]
 
 
-def fake_hub(tmp_path: Path) -> dict:
-    """An HF cache holding the fixture as fake-org/FastVLM-tiny; the hub itself is offline."""
-    snapshot = tmp_path / "hub" / "models--fake-org--FastVLM-tiny" / "snapshots" / ("0" * 40)
-    shutil.copytree(CHECKPOINT, snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    return {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-            "XDG_CACHE_HOME": str(tmp_path / "cache")}
-
-
-def test_hub_id_converts_once_then_reuses(tmp_path):
-    env = fake_hub(tmp_path)
-    command = [sys.executable, "-m", "fastvlm_mlx", "chat", str(IMAGE), "--model",
-               "fake-org/FastVLM-tiny", "--prompt", QUESTION, "--max-tokens", "8"]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    assert "Converting fake-org/FastVLM-tiny" in first.stderr
-    assert (tmp_path / "cache" / "fastvlm-mlx" / "fake-org--FastVLM-tiny" / "main-stored" / "config.json").exists()
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and "Converting" not in second.stderr
-    assert second.stdout == first.stdout == "\t\tlplplplplplp\n"
-
-
 def test_unreachable_hub_suggests_a_path(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "XDG_CACHE_HOME": str(tmp_path / "cache")}

@@ -6,7 +6,7 @@ from mlx.utils import tree_flatten
 
 from conftest import CHECKPOINT, IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, load
-from fastvlm_mlx.fastvlm import sanitize_hf_weights
+from fastvlm_mlx.fastvlm import HF_LAYOUT
 from fastvlm_mlx.defaults import DEFAULT_SYSTEM
 from fastvlm_mlx.processor import first_turn, load_image, preprocess
 
@@ -62,13 +62,13 @@ def test_mlx_layout_roundtrip(tiny, reference, tmp_path):
     assert rel_err(logits[0, -1], reference["prefill_logits"]) <= 1e-4
 
 
-def test_mlx_layout_with_layer_scales_still_loads(reference, tmp_path):
+def test_mlx_layout_with_layer_scales_still_loads(tiny, reference, tmp_path):
     """Directories converted before layer scales were folded keep them as weights:
     the loader folds them, and the features still match the reference."""
     for f in CHECKPOINT.iterdir():
         if f.suffix != ".safetensors":
             (tmp_path / f.name).write_bytes(f.read_bytes())
-    weights = sanitize_hf_weights(mx.load(str(CHECKPOINT / "model.safetensors")))
+    weights = HF_LAYOUT.sanitize(mx.load(str(CHECKPOINT / "model.safetensors")), tiny[0].vision_tower)
     assert any(k.endswith(".layer_scale_1") for k in weights)
     mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
     model, _ = load(tmp_path, dtype=mx.float32)
