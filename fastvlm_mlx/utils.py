@@ -232,12 +232,25 @@ def follow_tied_head(config: dict, weights: dict[str, mx.array], where: str | Pa
     return {**config, "tie_word_embeddings": tied}, weights
 
 
+def cast_in_place(weights: dict[str, mx.array], dtype: mx.Dtype, keep: tuple[str, ...] = ()) -> None:
+    """Cast the floating tensors of `weights` (but those whose key holds a `keep` part)
+    one at a time, so each stored copy is freed as its cast is made: loading a bfloat16
+    checkpoint in float32 then peaks near the float32 model, not 1.5 times it."""
+    for key, value in weights.items():
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype and not any(k in key for k in keep):
+            weights[key] = value.astype(dtype)
+            mx.eval(weights[key])
+
+
 def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None,
                 where: str | Path) -> Model:
     """Map, cast (unless dtype is None) and check `weights`, then load them into a model.
 
     Shared by the loader and the converter, so both accept and refuse the same things.
+    The caller's dict is cast in place: its stored tensors are not kept alive beside the cast ones.
     """
+    if dtype is not None:
+        cast_in_place(weights, dtype, keep=(".bn.", "layer_scale"))  # folded below, from the stored values
     config, weights = follow_tied_head(config, weights, where)
     model = Model(ModelArgs.from_dict(config))
     try:
@@ -245,12 +258,13 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     except ValueError as e:  # e.g. a BatchNorm whose shape does not fit its conv
         raise FastVLMError(f"weights in {where} do not fit the config: {e}") from None
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in weights.items()}
+        cast_in_place(weights, dtype)
     if quantization := config.get("quantization"):
         if (not isinstance(quantization, dict) or quantization.get("bits") not in (2, 3, 4, 5, 6, 8)
-                or quantization.get("group_size") not in (32, 64, 128)):
-            raise FastVLMError(f"config.json: quantization {quantization!r} is not bits 2-8 with group_size 32, 64 or 128")
+                or quantization.get("group_size") not in (32, 64, 128)
+                or quantization.get("mode", "affine") != "affine"):
+            raise FastVLMError(f"config.json: quantization {quantization!r} is not affine, bits 2-8, "
+                               "group_size 32, 64 or 128")
         nn.quantize(model, quantization["group_size"], quantization["bits"],
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
     expected = dict(tree_flatten(model.parameters()))
