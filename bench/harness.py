@@ -25,7 +25,8 @@ from PIL import Image
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.fastvithd import RepCPE, RepMixer
 from fastvlm_mlx.fastv import FastV
-from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs, compute_dtype
+from fastvlm_mlx import kernels
+from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs
 from fastvlm_mlx.generation import prefill
 from fastvlm_mlx.defaults import DEFAULT_SYSTEM
 from fastvlm_mlx.processor import first_turn, preprocess
@@ -82,7 +83,7 @@ def random_model(config: dict, dtype: mx.Dtype) -> Model:
             k = conv.weight.shape[1]
             conv.weight = conv.weight + mx.zeros((1, k, k, 1)).at[0, k // 2, k // 2, 0].add(1.0)
     model.set_dtype(dtype)
-    model.vision_tower.set_dtype(compute_dtype(dtype))
+    model.vision_tower.set_dtype(kernels.compute_dtype(dtype))
     mx.eval(model.parameters())
     model.eval()
     return model

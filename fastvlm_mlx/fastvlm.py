@@ -14,22 +14,12 @@ import mlx.nn as nn
 from mlx_lm.models import qwen2
 
 from .errors import FastVLMError
-from .fastvithd import FastViTHD, PatchEmbed, RepCPE, VisionConfig, exp_shifted
+from . import kernels
+from .fastvithd import FastViTHD, PatchEmbed, RepCPE, VisionConfig
 
 IMAGE_TOKEN_INDEX = -200  # the reference's marker for the image slot in input ids
 MODEL_TYPES = ("llava_qwen2", "fastvlm", "fast_vlm")
 HF_TOWER_PREFIX = "model.vision_tower.vision_tower.model."
-
-
-def compute_dtype(weights: mx.Dtype) -> mx.Dtype:
-    """What activations run in: float32 on the CPU backend whatever the weights' dtype,
-    since half precision has neither BLAS nor fast kernels there (a float16 prefill of
-    304 tokens on the 0.5B decoder: 55 s, against 1.7 s in float32); elsewhere the
-    weights' own dtype. Half-precision weights still halve the decoder's memory.
-    The vision tower is loaded in this dtype: converting float16 weights at every
-    op made the 1024 px tower 1.4x slower on a 2-core x86 CPU (9.2 s against 6.6 s)
-    to save ~250 MB."""
-    return mx.float32 if mx.default_device() == mx.cpu else weights
 
 
 def _fits(value, hint) -> bool:
@@ -139,23 +129,10 @@ class Projector(nn.Module):
 
 
 class MLP(qwen2.MLP):
-    """Qwen2's MLP, down(silu(gate) * up). On the CPU backend mx.sigmoid runs a
-    scalar software exp (a 304-token prefill of the 0.5B decoder: 24 ms a layer),
-    so there silu is built on exp_shifted instead (2.9 ms)."""
+    """Qwen2's MLP, down(silu(gate) * up), with silu(gate) * up from the kernels."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        gate = self.gate_proj(x)
-        return self.down_proj(_silu_times(gate, exp_shifted(-mx.abs(gate), 0.0), self.up_proj(x)))
-
-
-@mx.compile
-def _silu_times(g: mx.array, e: mx.array, u: mx.array) -> mx.array:
-    """silu(g) u for e = exp(-|g|): (max(g, 0) + min(g, 0) e) / (1 + e) u, with max and
-    min as (g + |g|) / 2 and (g - |g|) / 2, which are exact and keep the kernel vectorized."""
-    a = mx.abs(g)
-    return (0.5 * ((g + a) + (g - a) * e) / (1 + e)) * u
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Model(nn.Module):
@@ -182,7 +159,7 @@ class Model(nn.Module):
         """[1, H, W, 3] -> the tower's output flattened to tokens [1, N, mm_hidden]."""
         for side in pixels.shape[1:3]:
             self.args.vision_config.check_resolution(side)
-        dtype = compute_dtype(self.vision_tower.patch_embed[0].reparam_conv.weight.dtype)
+        dtype = kernels.compute_dtype(self.vision_tower.patch_embed[0].reparam_conv.weight.dtype)
         x = self.vision_tower(pixels.astype(dtype))
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -192,7 +169,7 @@ class Model(nn.Module):
 
         def embed_text(ids: list[int]) -> mx.array:
             h = embed_tokens(mx.array(ids, dtype=mx.int32)[None])
-            return h.astype(compute_dtype(h.dtype))
+            return h.astype(kernels.compute_dtype(h.dtype))
 
         slots = [i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX]
         if not slots:

@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten
 
 from .defaults import DEFAULT_MODEL
 from .errors import FastVLMError
-from .fastvlm import COREML_EXPORT, Model, ModelArgs, compute_dtype, flat_config
+from . import kernels
+from .fastvlm import COREML_EXPORT, Model, ModelArgs, flat_config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -207,7 +208,7 @@ def load_model(path: Path, dtype: mx.Dtype | None = None) -> Model:
     weights = load_weights(path)
     dtype = dtype or default_dtype(stored_dtype(weights))
     model = build_model(load_config(path), weights, dtype, path)
-    model.vision_tower.set_dtype(compute_dtype(dtype))
+    model.vision_tower.set_dtype(kernels.compute_dtype(dtype))
     return model
 
 

@@ -1,0 +1,226 @@
+"""Kernels for MLX's CPU backend, where its own ops are slow in ways measured below.
+
+MLX's CPU backend compiles each elementwise kernel with g++ -O3 for baseline
+x86-64 and runs it on one thread; a kernel's loop is vectorized only if no op in
+it branches (mx.maximum, mx.minimum and mx.clip test for NaN), every input steps
+by 1 along the innermost axis, and its output does not overwrite an input. Each
+kernel here is written to meet that, and the elementwise work runs in bands of
+rows, one per core, each on a stream of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def compute_dtype(weights: mx.Dtype) -> mx.Dtype:
+    """float32 whatever the weights' dtype: half precision has neither BLAS nor fast
+    kernels here (a float16 prefill of 304 tokens on the 0.5B decoder: 55 s, against
+    1.7 s in float32). The tower's weights are kept in it too: converting float16
+    weights at every op made the 1024 px tower 1.4x slower (9.2 s against 6.6 s)."""
+    return mx.float32
+
+
+# Exact GELU needs erf, which the CPU backend evaluates one element at a time
+# (166 ms for 6.3 M values). Here it is Eigen's and XLA's float32 rational erf
+# (within 2e-6 of it), pure arithmetic in two compiled kernels. MLX builds each
+# with g++ -O3, which vectorizes the loop only if no op in it branches (mx.clip,
+# minimum and maximum test for NaN) and fuses at most 11 ops deep; the clip is
+# written with abs and the polynomials in Estrin's form to meet both
+# (12.6 M values: 61 ms as one kernel with mx.clip, 15 ms as these two).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)  # erf(z) = z P(z^2) / Q(z^2) on |z| <= 4
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+_CLIP = 4 * 2**0.5  # |x| past which erf(x / sqrt 2) is 1 in float32
+# With w = 2 min(|x|, _CLIP): z^2 = w^2 / 8 and 0.5 x erf(z) = |x| w P(w^2) / Q(w^2)
+# for these P and Q, highest power first.
+_P = [c * 0.125 ** (len(_ERF_P) - 1 - i) * 0.25 * 0.5**0.5 for i, c in enumerate(_ERF_P)]
+_Q = [c * 0.125 ** (len(_ERF_Q) - 1 - i) for i, c in enumerate(_ERF_Q)]
+
+
+def gelu(x: mx.array) -> mx.array:
+    """GELU in its exact (erf) form, the rational erf on bands of rows."""
+    return joined(in_bands(lambda a, b: _gelu_rational(x[:, a:b], 0.0), x.shape[1]))
+
+
+def _gelu_rational(x: mx.array, bias: mx.array | float) -> mx.array:
+    """GELU(x + bias) = 0.5 x + |x| w P(t) / Q(t), w = 2 min(|x|, clip), t = w^2; x finite.
+
+    Each kernel adds the bias itself, which costs less than writing x + bias out.
+    w stays alive until the second kernel is done: MLX would otherwise write that
+    kernel's output over w, and with a broadcast bias an in-place loop is not
+    vectorized.
+    """
+    w = _clip_twice(x, bias)
+    return mx.depends(_gelu_erf_part(x, bias, w), w)
+
+
+@mx.compile
+def _clip_twice(x: mx.array, bias: mx.array | float) -> mx.array:
+    """2 min(|x + bias|, clip), as 2 clip - 2 max(d, 0) with max(d, 0) = (d + |d|) / 2: exact."""
+    d = _CLIP - mx.abs(x + bias)
+    return 2 * _CLIP - (d + mx.abs(d))
+
+
+@mx.compile
+def _gelu_erf_part(x: mx.array, bias: mx.array | float, w: mx.array) -> mx.array:
+    x = x + bias
+    # 1e-6 keeps t^4 times the small high-order coefficients out of subnormal range
+    # (2x slower there); it moves erf by less than 1e-7.
+    t = w * w + 1e-6
+    t2 = t * t
+    p = (_P[0] * t2 + (_P[1] * t + _P[2])) * (t2 * t2) + ((_P[3] * t + _P[4]) * t2 + (_P[5] * t + _P[6]))
+    q = (_Q[0] * t2 + (_Q[1] * t + _Q[2])) * t2 + (_Q[3] * t + _Q[4])
+    return 0.5 * x + (mx.abs(x) * w) * (p / q)
+
+
+# MLX's CPU backend runs each elementwise kernel on one thread, and each stream on
+# a thread of its own: the tower's elementwise work is split into bands of rows,
+# one per core, each on its own stream (1.9x on 2 cores).
+_STREAMS: list[mx.Stream] = []
+
+
+def in_bands(band: Callable[[int, int], mx.array], rows: int) -> list[mx.array]:
+    """band(start, stop) for one slice of axis 1 per CPU stream."""
+    if not _STREAMS:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores or 1, 8)))
+    n = min(len(_STREAMS), rows)
+    edges = [rows * i // n for i in range(n + 1)]
+    parts = []
+    for stream, a, b in zip(_STREAMS, edges, edges[1:]):
+        with mx.stream(stream):
+            parts.append(band(a, b))
+    return parts
+
+
+def joined(parts: list[mx.array]) -> mx.array:
+    """Bands back into one array along axis 1."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
+
+def depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
+    """Depthwise conv as a sum of shifted windows times per-channel taps: mx.conv2d's
+    grouped kernel is 3-4x slower on this backend.
+
+    Three taps per compiled kernel: MLX's CPU kernels index each input through
+    its own strides, and past a handful of inputs that loop stops being fast
+    (7x7 on 128x128x192: all 49 taps in one kernel 113 ms, three per kernel
+    63 ms). g++ vectorizes such a loop only when every input steps by 1 along
+    the channels and the output does not overwrite an input, which it checks at
+    run time: so the taps are made contiguous, and each partial sum is kept
+    alive (mx.depends) until the next is written, since MLX would otherwise
+    reuse its buffer for the output (36 -> 25 ms). Bands of output rows run on
+    separate streams (see in_bands).
+    """
+    out_ch, k = weight.shape[0], weight.shape[1]
+    if out_ch != x.shape[-1]:
+        x = mx.repeat(x, out_ch // x.shape[-1], axis=-1)  # output o reads input o // m
+    pad = k // 2
+    H = (x.shape[1] + 2 * pad - k) // stride + 1
+    W = (x.shape[2] + 2 * pad - k) // stride + 1
+    x = mx.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    taps = mx.contiguous(weight[..., 0].transpose(1, 2, 0))  # [k, k, C]
+    offsets = [(i, j) for i in range(k) for j in range(k)]
+
+    def band(a: int, b: int) -> mx.array:
+        out = bias
+        for n in range(0, len(offsets), 3):
+            group = offsets[n : n + 3]
+            windows = [
+                x[:, i + stride * a : i + stride * (b - 1) + 1 : stride, j : j + stride * (W - 1) + 1 : stride]
+                for i, j in group
+            ]
+            total = _multiply_add(out, windows, [taps[i, j] for i, j in group])
+            out = total if n == 0 else mx.depends(total, out)
+        return out
+
+    return joined(in_bands(band, H))
+
+
+@mx.compile
+def _multiply_add(out: mx.array, windows: list[mx.array], taps: list[mx.array]) -> mx.array:
+    for window, tap in zip(windows, taps):
+        out = out + window * tap
+    return out
+
+
+def pointwise_ffn(x: mx.array, fc1: nn.Module, fc2: nn.Module) -> mx.array:
+    """fc2(GELU(fc1(x))) for 1x1 convs: fc1's bias, the GELU and fc2 run on each band,
+    so the 4x-wide hidden map is never copied (tower: 6.16 s -> 5.84 s)."""
+    h = fc1.project(x)
+    hidden = in_bands(lambda a, b: _gelu_rational(h[:, a:b], fc1.bias), h.shape[1])
+    return joined([fc2(g) for g in hidden])
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v over [B, heads, N, d], a band of heads per stream."""
+    return joined(in_bands(lambda a, b: _attention(q[:, a:b], k[:, a:b], v[:, a:b], scale), q.shape[1]))
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v with exp_shifted, normalized after the product with v.
+
+    The scores are built transposed, keys by queries: each query's max then varies
+    along the contiguous axis, which the compiled exp kernel vectorizes (a per-row
+    max has stride 0 there and forces the scalar loop), and the max and sum reduce
+    across rows, 4x faster than along them (one band of 12 heads at 32x32: 82 ms
+    as rows, 41 ms transposed).
+    """
+    s = (k * scale) @ q.swapaxes(-1, -2)
+    e = exp_shifted(s, s.max(axis=-2, keepdims=True))
+    return (e.swapaxes(-1, -2) @ v) / e.sum(axis=-2)[..., None]
+
+
+# The CPU backend's exp calls a software fma six times a value (~12 ns), and
+# attention at 1024 px takes 100 M of them. For x <= shift, 2^((x - shift) log2 e)
+# is split into 2^f, |f| <= 1/2, a polynomial, times 2^r, r an integer written
+# straight into a float's exponent bits. r is clamped at -127 as an integer: a
+# float maximum tests for NaN, which keeps g++ from vectorizing the kernel.
+_LOG2E = 1.4426950408889634
+_ROUND = 1.5 * 2**23  # x + _ROUND - _ROUND rounds x to an integer
+_EXP2 = [math.log(2) ** n / math.factorial(n) for n in range(8)]  # 2^f = sum (f ln2)^n / n!
+
+
+def exp_shifted(x: mx.array, shift: mx.array | float) -> mx.array:
+    """exp(x - shift) for finite x <= shift; values below e^-88 come out as 0."""
+    fraction, exponent = _exp2_parts(x, shift)
+    return fraction * exponent.view(mx.float32)
+
+
+@mx.compile
+def _exp2_parts(x: mx.array, shift: mx.array | float) -> tuple[mx.array, mx.array]:
+    u = (x - shift) * _LOG2E
+    # |u| < 2^32, so rounding leaves |f| <= 256 and the polynomial finite; the
+    # change is below float32 rounding wherever exp(u) is not 0 anyway.
+    u = u / (1.0 + mx.abs(u) * 2.0**-32)
+    r = (u + _ROUND) - _ROUND
+    f = u - r
+    f2 = f * f
+    c = _EXP2
+    fraction = ((c[7] * f + c[6]) * f2 + (c[5] * f + c[4])) * (f2 * f2) + (
+        (c[3] * f + c[2]) * f2 + (c[1] * f + c[0]))
+    # r below the int32 range converts to INT_MIN (x86 and ARM alike), then clamps
+    return fraction, mx.left_shift(mx.maximum(r.astype(mx.int32), -127) + 127, 23)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up for the decoder's MLP: mx.sigmoid runs a scalar software exp
+    here (a 304-token prefill of the 0.5B decoder: 24 ms a layer), so silu is built
+    on exp_shifted (2.9 ms)."""
+    return _silu_times(gate, exp_shifted(-mx.abs(gate), 0.0), up)
+
+
+@mx.compile
+def _silu_times(g: mx.array, e: mx.array, u: mx.array) -> mx.array:
+    """silu(g) u for e = exp(-|g|): (max(g, 0) + min(g, 0) e) / (1 + e) u, with max and
+    min as (g + |g|) / 2 and (g - |g|) / 2, which are exact and keep the kernel vectorized."""
+    a = mx.abs(g)
+    return (0.5 * ((g + a) + (g - a) * e) / (1 + e)) * u
