@@ -249,7 +249,7 @@ def test_layouts_convert_too(build, bits, reference, tmp_path):
 def test_published_vision_configs_describe_the_published_tower():
     """mlx-vlm's vision_config (or the empty one its quantizer adds) and transformers'
     timm_wrapper one restate FastViTHD: they build the same tower as none at all."""
-    from bench.harness import random_config
+    from fastvlm_mlx.bench.harness import random_config
     from fastvlm_mlx.fastvithd import VisionConfig
     from fastvlm_mlx.fastvlm import ModelArgs, flat_config
 
