@@ -12,9 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import kernels
 from .defaults import DEFAULT_MODEL
 from .errors import FastVLMError
-from . import kernels
 from .fastvlm import COREML_EXPORT, Model, ModelArgs, flat_config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
@@ -126,8 +126,9 @@ def resolve_model_path(model: str) -> Path:
 
 
 def refuse_coreml_export(path: Path) -> None:
-    """Apple's MLX exports for the FastVLM app keep the vision tower as a CoreML model."""
-    if any(path.rglob("*.mlpackage")):
+    """Apple's MLX exports for the FastVLM app keep the vision tower as a CoreML model
+    (fastvithd.mlpackage, beside the config)."""
+    if any(path.glob("*.mlpackage")):
         raise FastVLMError(f"{path}: {COREML_EXPORT}")
 
 
