@@ -10,14 +10,14 @@ from fastvlm_mlx.generation import FINITE_CHECK_EVERY
 from fastvlm_mlx.utils import default_dtype, stored_dtype
 
 
-def test_default_dtype_is_the_checkpoints_own_off_the_cpu():
+def test_default_dtype_is_the_checkpoints_own_off_the_cpu(monkeypatch):
     weights = {"a": mx.zeros((4, 4), mx.bfloat16), "b": mx.zeros((2,), mx.float32),
                "q": mx.zeros((64,), mx.uint32)}
     assert stored_dtype(weights) == mx.bfloat16
-    with mx.stream(mx.cpu):
-        assert default_dtype(mx.bfloat16) == mx.float32  # no fast half precision on the CPU backend
-    if mx.default_device() != mx.cpu:
-        assert default_dtype(mx.bfloat16) == mx.bfloat16
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert default_dtype(mx.bfloat16) == mx.float32  # no fast half precision on the CPU backend
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert default_dtype(mx.bfloat16) == mx.bfloat16 and default_dtype(mx.float16) == mx.float16
 
 
 @pytest.fixture
