@@ -15,6 +15,7 @@ from importlib.metadata import version
 from typing import Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, generation_stream
@@ -23,7 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
 from fastvlm_mlx.errors import FastVLMError
-from fastvlm_mlx.fastvithd import RepCPE, RepMixer
+from fastvlm_mlx.fastvithd import RepMixer
 from fastvlm_mlx.fastv import FastV
 from fastvlm_mlx import kernels
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs
@@ -69,24 +70,26 @@ def random_config(size: str) -> dict:
 
 
 def random_model(config: dict, dtype: mx.Dtype) -> Model:
-    """A model of the config's shapes with random weights: latency does not depend on them.
-
-    The skip connection is folded into the centre tap of the RepMixer and
-    RepCPE convs, as reparameterization does; without it the random depthwise
-    convs shrink the activations ~0.6x per block, to ~1e-15 in stage 3, where
-    half precision underflows and slow denormal arithmetic can skew timings.
-    """
+    """A model of the config's shapes with random weights: latency does not depend on them."""
     model = Model(ModelArgs.from_dict(config))
-    for _, module in model.vision_tower.named_modules():
-        if isinstance(module, (RepMixer, RepCPE)):
-            conv = module.reparam_conv
-            k = conv.weight.shape[1]
-            conv.weight = conv.weight + mx.zeros((1, k, k, 1)).at[0, k // 2, k // 2, 0].add(1.0)
+    fold_skips(model.vision_tower)
     model.set_dtype(dtype)
     model.vision_tower.set_dtype(kernels.compute_dtype(dtype))
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def fold_skips(tower: nn.Module) -> None:
+    """Fold the skip connection into the centre tap of random RepMixer and RepCPE convs,
+    as reparameterization does; without it the random depthwise convs shrink the
+    activations ~0.6x per block, to ~1e-15 in stage 3, where half precision
+    underflows and slow denormal arithmetic can skew timings."""
+    for _, module in tower.named_modules():
+        if isinstance(module, RepMixer):  # RepCPE too
+            conv = module.reparam_conv
+            k = conv.weight.shape[1]
+            conv.weight = conv.weight + mx.zeros((1, k, k, 1)).at[0, k // 2, k // 2, 0].add(1.0)
 
 
 def synthetic_image(width: int = 1600, height: int = 1200) -> Image.Image:

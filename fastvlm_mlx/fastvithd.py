@@ -24,12 +24,8 @@ class VisionConfig:
     embed_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
     mlp_ratios: list[float] = field(default_factory=lambda: [4, 4, 4, 4, 4])
     downsamples: list[bool] = field(default_factory=lambda: [True] * 5)
-    token_mixers: list[str] = field(
-        default_factory=lambda: ["repmixer"] * 3 + ["attention"] * 2
-    )
-    pos_embs_shapes: list = field(
-        default_factory=lambda: [None, None, None, [7, 7], [7, 7]]
-    )
+    token_mixers: list[str] = field(default_factory=lambda: ["repmixer"] * 3 + ["attention"] * 2)
+    pos_embs_shapes: list = field(default_factory=lambda: [None, None, None, [7, 7], [7, 7]])
     cls_ratio: float = 2.0
     repmixer_kernel_size: int = 3
     down_patch_size: int = 7
@@ -63,60 +59,26 @@ class VisionConfig:
     @property
     def stride(self) -> int:
         """Input pixels per output token along a side: stem 4x, then one 2x per downsample."""
-        downs = sum(
-            1
-            for i in range(len(self.layers) - 1)
-            if self.downsamples[i] or self.embed_dims[i] != self.embed_dims[i + 1]
-        )
+        downs = sum(self.downsamples[i] or self.embed_dims[i] != self.embed_dims[i + 1]
+                    for i in range(len(self.layers) - 1))
         return 4 * self.down_stride**downs
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Module:
-    """A reparameterized conv with bias, "same" padding; one input channel per group
-    makes it a DepthwiseConv2d, a 1x1 kernel a PointwiseConv2d."""
-    if groups == in_ch and groups > 1:
-        return DepthwiseConv2d(in_ch, out_ch, kernel, stride)
-    if kernel == 1 and groups == 1 and stride == 1:
-        return PointwiseConv2d(in_ch, out_ch)
-    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups)
+class Conv2d(nn.Module):
+    """A reparameterized conv with bias and "same" padding, weights [O, k, k, I/groups]
+    as the checkpoints store them. How it is computed (a matmul for 1x1, shifted
+    windows for depthwise on the CPU) is the kernels' choice."""
 
-
-class PointwiseConv2d(nn.Module):
-    """A 1x1 conv as one matmul over all pixels: on the CPU backend mx.conv2d's 1x1
-    path is 1.2-1.7x slower than the same product through BLAS. Keeps the conv
-    weight layout [O, 1, 1, I] of the checkpoints."""
-
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1):
         super().__init__()
-        scale = (1.0 / in_ch) ** 0.5
-        self.weight = mx.random.uniform(-scale, scale, (out_ch, 1, 1, in_ch))
-        self.bias = mx.zeros((out_ch,))
-        self.stride = 1
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.project(x, self.bias)
-
-    def project(self, x: mx.array, bias: mx.array | None = None) -> mx.array:
-        """The product, plus `bias` if given: without it, for a consumer that adds the
-        bias in its own kernel."""
-        w = self.weight.reshape(self.weight.shape[0], -1).T
-        pixels = x.reshape(-1, x.shape[-1])
-        y = pixels @ w if bias is None else mx.addmm(bias, pixels, w)
-        return y.reshape(*x.shape[:-1], w.shape[1])
-
-
-class DepthwiseConv2d(nn.Module):
-    """A conv with one input channel per group (out = m * in), the tower's workhorse."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1):
-        super().__init__()
-        scale = (1.0 / (kernel * kernel)) ** 0.5
-        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, 1))
+        scale = (groups / (in_ch * kernel * kernel)) ** 0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch // groups))
         self.bias = mx.zeros((out_ch,))
         self.stride = stride
+        self.groups = groups
 
     def __call__(self, x: mx.array) -> mx.array:
-        return kernels.depthwise_conv(x, self.weight, self.bias, self.stride)
+        return kernels.conv2d(x, self.weight, self.bias, self.stride, self.groups)
 
 
 class SEBlock(nn.Module):
@@ -124,8 +86,8 @@ class SEBlock(nn.Module):
 
     def __init__(self, dims: int, rd_ratio: float = 0.0625):
         super().__init__()
-        self.reduce = conv(dims, int(dims * rd_ratio), 1)
-        self.expand = conv(int(dims * rd_ratio), dims, 1)
+        self.reduce = Conv2d(dims, int(dims * rd_ratio), 1)
+        self.expand = Conv2d(int(dims * rd_ratio), dims, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         s = x.mean(axis=(1, 2), keepdims=True)
@@ -139,7 +101,7 @@ class MobileOneBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1,
                  groups: int = 1, use_se: bool = False):
         super().__init__()
-        self.reparam_conv = conv(in_ch, out_ch, kernel, stride, groups)
+        self.reparam_conv = Conv2d(in_ch, out_ch, kernel, stride, groups)
         if use_se:
             self.se = SEBlock(out_ch)
 
@@ -155,7 +117,7 @@ class ReparamLargeKernelConv(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int):
         super().__init__()
-        self.lkb_reparam = conv(in_ch, out_ch, kernel, stride, groups=in_ch)
+        self.lkb_reparam = Conv2d(in_ch, out_ch, kernel, stride, groups=in_ch)
 
     def __call__(self, x: mx.array) -> mx.array:
         return kernels.gelu(self.lkb_reparam(x))
@@ -177,26 +139,20 @@ class PatchEmbed(nn.Module):
         return x
 
 
-class RepCPE(nn.Module):
-    """Conditional positional encoding; the skip is folded into the depthwise conv."""
-
-    def __init__(self, dims: int, spatial_shape: list[int]):
-        super().__init__()
-        self.reparam_conv = conv(dims, dims, spatial_shape[0], groups=dims)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.reparam_conv(x)
-
-
 class RepMixer(nn.Module):
     """Token mixer of the conv stages: a depthwise conv with the skip folded in."""
 
     def __init__(self, dims: int, kernel: int):
         super().__init__()
-        self.reparam_conv = conv(dims, dims, kernel, groups=dims)
+        self.reparam_conv = Conv2d(dims, dims, kernel, groups=dims)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.reparam_conv(x)
+
+
+class RepCPE(RepMixer):
+    """Conditional positional encoding before the attention stages: the same folded
+    depthwise conv, 7x7."""
 
 
 class ConvFFN(nn.Module):
@@ -204,9 +160,9 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dims: int, hidden: int):
         super().__init__()
-        self.conv = conv(dims, dims, 7, groups=dims)
-        self.fc1 = conv(dims, hidden, 1)
-        self.fc2 = conv(hidden, dims, 1)
+        self.conv = Conv2d(dims, dims, 7, groups=dims)
+        self.fc1 = Conv2d(dims, hidden, 1)
+        self.fc2 = Conv2d(hidden, dims, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return kernels.pointwise_ffn(self.conv(x), self.fc1, self.fc2)
@@ -275,7 +231,7 @@ class FastViTHD(nn.Module):
         self.network = []
         for i, depth in enumerate(c.layers):
             if c.pos_embs_shapes[i] is not None:
-                self.network.append(RepCPE(dims[i], c.pos_embs_shapes[i]))
+                self.network.append(RepCPE(dims[i], c.pos_embs_shapes[i][0]))
             if c.token_mixers[i] == "repmixer":
                 stage = [RepMixerBlock(dims[i], c.repmixer_kernel_size, c.mlp_ratios[i])
                          for _ in range(depth)]
@@ -285,11 +241,8 @@ class FastViTHD(nn.Module):
             self.network.append(stage)
             last = i == len(c.layers) - 1
             if not last and (c.downsamples[i] or dims[i] != dims[i + 1]):
-                self.network.append(
-                    PatchEmbed(c.down_patch_size, c.down_stride, dims[i], dims[i + 1])
-                )
-        self.conv_exp = MobileOneBlock(dims[-1], c.hidden_size, 3, groups=dims[-1],
-                                       use_se=True)
+                self.network.append(PatchEmbed(c.down_patch_size, c.down_stride, dims[i], dims[i + 1]))
+        self.conv_exp = MobileOneBlock(dims[-1], c.hidden_size, 3, groups=dims[-1], use_se=True)
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.patch_embed:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
@@ -22,6 +19,7 @@ from .fastv import FastV
 from .fastv import prefill as fastv_prefill
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
 from .processor import first_turn, load_image, next_turn, preprocess, to_rgb
+from .prompt_cache import ModelMemo, PromptCache, image_digest
 
 
 def prefill(model: Model, ids: list[int], features: mx.array | None, cache: list,
@@ -79,40 +77,6 @@ class GenerationResponse:
     stats: Stats = field(default_factory=Stats)
 
 
-class ModelMemo:
-    """What one model keeps between conversations.
-
-    Image features by content hash, so asking again about a picture skips the
-    encoder, and the KV of the constant prompt prefix before the image (system
-    turn and template), so a new conversation prefills it only once per model.
-    """
-
-    def __init__(self, images: int = 8):
-        self.images = images
-        self.features: OrderedDict[str, mx.array] = OrderedDict()
-        self.prefix: tuple[list[int], list[tuple[mx.array, mx.array]]] | None = None
-
-    @classmethod
-    def of(cls, model: Model) -> "ModelMemo":
-        memo = getattr(model, "_memo", None)
-        if memo is None:
-            memo = cls()
-            object.__setattr__(model, "_memo", memo)  # a plain attribute, not a parameter
-        return memo
-
-    def remember_features(self, key: str, features: mx.array) -> None:
-        self.features[key] = features
-        while len(self.features) > self.images:
-            self.features.popitem(last=False)
-
-
-def image_digest(image: Image.Image, resolution: int) -> str:
-    """Of the RGB pixels the encoder sees (palette indices alone would let two images collide)."""
-    digest = hashlib.sha256(image.tobytes())
-    digest.update(f"{image.mode}{image.size}{resolution}".encode())
-    return digest.hexdigest()
-
-
 class TextStream:
     """Turns sampled ids into text pieces whose concatenation equals the tokenizer's
     decode of all of them: ids are held back only while they end in an incomplete
@@ -136,11 +100,64 @@ class TextStream:
         return text
 
 
+def stream_answer(model: Model, tokenizer, cache: PromptCache, prompt: list[int],
+                  features: mx.array | None, sampler, max_tokens: int, stop_ids: set[int],
+                  stats: Stats, fastv: FastV | None = None) -> Iterator[GenerationResponse]:
+    """Prefill what `cache` lacks of `prompt`, then sample up to `max_tokens`, streamed.
+
+    The last response has a finish_reason: "stop" (its token is the stop id, not
+    shown as text) or "length".
+    """
+    new = prompt[cache.reuse(prompt):]
+    stats.prompt_tokens = cache.positions(new)
+    start = time.perf_counter()
+    logprobs = prefill(model, new, features, cache.layers, fastv)
+    first = sampler(logprobs)
+    mx.eval(first, logprobs)
+    check_finite(logprobs, "the decoder's logits in the prefill")
+    stats.prefill_s = time.perf_counter() - start
+    cache.share_prefix(prompt)
+    if fastv and IMAGE_TOKEN_INDEX in new:
+        stats.visual_kept = fastv.kept(cache.visual_tokens)
+    steps = itertools.chain(
+        [(first.item(), logprobs[0])],
+        generate_step(first, model.language_model, max_tokens=max_tokens - 1, sampler=sampler,
+                      prompt_cache=cache.layers),
+    )
+    text = TextStream(tokenizer)
+    for n, (token, logprobs) in enumerate(steps, 1):
+        stats.generation_tokens = n
+        stats.decode_s = time.perf_counter() - start - stats.prefill_s
+        done = token in stop_ids or n == max_tokens
+        if done or n % FINITE_CHECK_EVERY == 0:
+            check_finite(logprobs, f"the decoder's logits at answer token {n}")
+        if token in stop_ids:
+            yield GenerationResponse(text.flush(), token, logprobs, "stop", stats)
+            return
+        piece = text.add(token)
+        if done:
+            yield GenerationResponse(piece + text.flush(), token, logprobs, "length", stats)
+            return
+        yield GenerationResponse(piece, token, logprobs, None, stats)
+
+
+def make_answer_sampler(tokenizer, model: Model, temperature: float, top_p: float):
+    """mlx-lm's sampler, never picking the ids past the tokenizer's vocabulary that pad
+    the embedding table."""
+    sampler = make_sampler(temperature, top_p if top_p < 1.0 else 0.0)
+    vocab = model.args.text_config.vocab_size
+    if len(tokenizer) >= vocab:
+        return sampler
+    mask = mx.where(mx.arange(vocab) < len(tokenizer), 0.0, -mx.inf)
+    return lambda logprobs: sampler(logprobs + mask)
+
+
 class Chat:
     """A conversation about one image.
 
     The image is encoded once; every turn reuses the KV cache of the
-    conversation so far and prefills only the tokens the cache does not hold.
+    conversation so far (a PromptCache) and prefills only the tokens it does
+    not hold.
     """
 
     def __init__(self, model: Model, tokenizer, image: str | Path | Image.Image | None = None,
@@ -162,9 +179,6 @@ class Chat:
                 f"at resolution {self.resolution} an image takes {visual} tokens and the model's "
                 f"context is {self.context}: choose a lower resolution"
             )
-        # The embedding table is padded past the tokenizer's ids: never sample those.
-        vocab = model.args.text_config.vocab_size
-        self.mask = mx.where(mx.arange(vocab) < len(tokenizer), 0.0, -mx.inf) if len(tokenizer) < vocab else None
         self._turn = 0  # bumped by every answer: a superseded stream stops and records nothing
         self.stop_ids = set(tokenizer.eos_token_ids) | {
             tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
@@ -180,18 +194,8 @@ class Chat:
     def set_image(self, image: str | Path | Image.Image) -> None:
         """Encode a new picture (once) and start a fresh conversation about it."""
         image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image, self.max_pixels)
-        memo = ModelMemo.of(self.model)
-        key = image_digest(image, self.resolution)
         start = time.perf_counter()
-        self.features = memo.features.get(key)
-        if self.features is None:
-            features = self.model.encode_image(preprocess(image, self.resolution))
-            mx.eval(features)  # computed once, reused by every turn
-            check_finite(features, "the vision tower's image features")
-            self.features = features
-            memo.remember_features(key, features)
-        else:
-            memo.features.move_to_end(key)
+        self.features = encode(self.model, image, self.resolution)
         self.vision_s = time.perf_counter() - start
         self.reset()
         self._vision_pending = True  # the next answer's TTFT includes the encoding
@@ -200,16 +204,11 @@ class Chat:
         """Forget the conversation; the image stays."""
         self._turn += 1
         self.tokens: list[int] = []  # the conversation's ids, the image slot as one marker
-        self.cached: list[int] = []  # the ids whose keys and values the cache holds
-        self.cache = make_prompt_cache(self.model.language_model)
+        self.cache = PromptCache(self.model, self.visual_tokens)
 
     @property
     def visual_tokens(self) -> int:
         return 0 if self.features is None else self.features.shape[1]
-
-    def expanded_length(self, ids: list[int]) -> int:
-        """Sequence length once the image slot is expanded to its features."""
-        return len(ids) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0)
 
     def prompt_ids(self, question: str) -> list[int]:
         """The whole conversation with the new question, ready for the answer."""
@@ -228,118 +227,46 @@ class Chat:
             raise FastVLMError(f"max_tokens must be at least 1, got {max_tokens}")
         self._turn += 1
         turn = self._turn
-        full = self.prompt_ids(question)
-        length = self.expanded_length(full)
+        prompt = self.prompt_ids(question)
+        length = self.cache.positions(prompt)
         if length >= self.context:
             raise FastVLMError(
                 f"the prompt is {length} tokens but the model's context is {self.context}; "
                 "ask a shorter question or /reset the conversation"
             )
-        max_tokens = min(max_tokens, self.context - length)
-        self._seed_prefix(full)
-        keep = self._reuse_cache(full)
-        new = full[keep:]
-        stats = Stats(visual_tokens=self.visual_tokens, prompt_tokens=self.expanded_length(new))
-        if self._vision_pending:
-            stats.vision_s = self.vision_s
-            self._vision_pending = False
-        sampler = make_sampler(temperature, top_p if top_p < 1.0 else 0.0)
-        if self.mask is not None:
-            sampler = _masked(sampler, self.mask)
+        stats = Stats(visual_tokens=self.visual_tokens, vision_s=self.vision_s if self._vision_pending else 0.0)
+        self._vision_pending = False
+        sampler = make_answer_sampler(self.tokenizer, self.model, temperature, top_p)
         sampled: list[int] = []
         try:
-            start = time.perf_counter()
-            logprobs = prefill(self.model, new, self.features, self.cache, self.fastv)
-            first = sampler(logprobs)
-            mx.eval(first, logprobs)
-            check_finite(logprobs, "the decoder's logits in the prefill")
-            stats.prefill_s = time.perf_counter() - start
-            self._remember_prefix(full)
-            if self.fastv and IMAGE_TOKEN_INDEX in new:
-                stats.visual_kept = self.fastv.kept(self.visual_tokens)
-            steps = itertools.chain(
-                [(first.item(), logprobs[0])],
-                generate_step(first, self.model.language_model, max_tokens=max_tokens - 1,
-                              sampler=sampler, prompt_cache=self.cache),
-            )
-            text = TextStream(self.tokenizer)
-            finish, piece = "length", ""
-            for token, logprobs in steps:
-                sampled.append(token)
-                stats.generation_tokens = len(sampled)
-                stats.decode_s = time.perf_counter() - start - stats.prefill_s
-                done = token in self.stop_ids or len(sampled) == max_tokens
-                if done or len(sampled) % FINITE_CHECK_EVERY == 0:
-                    check_finite(logprobs, f"the decoder's logits at answer token {len(sampled)}")
-                if token in self.stop_ids:
-                    finish = "stop"
-                    break
-                piece = text.add(token)
-                if done:
-                    break
-                yield GenerationResponse(piece, token, logprobs, None, stats)
+            for response in stream_answer(self.model, self.tokenizer, self.cache, prompt, self.features,
+                                          sampler, min(max_tokens, self.context - length), self.stop_ids,
+                                          stats, self.fastv):
+                sampled.append(response.token)
+                yield response
                 if turn != self._turn:  # superseded while suspended: touch nothing more
                     return
-                piece = ""
-            yield GenerationResponse(piece + text.flush(), token, logprobs, finish, stats)
         finally:
             if turn == self._turn:
-                self._record_turn(full, sampled)
+                answer = sampled[:-1] if sampled and sampled[-1] in self.stop_ids else sampled
+                self.tokens = prompt + answer + [self.im_end]  # closed for the template
+                self.cache.settle(prompt + sampled)
 
-    def _seed_prefix(self, full: list[int]) -> None:
-        """Start a fresh conversation from the model's cached prompt prefix, if it fits."""
-        prefix = ModelMemo.of(self.model).prefix
-        if self.cached or prefix is None or full[: len(prefix[0])] != prefix[0]:
-            return
-        for c, (keys, values) in zip(self.cache, prefix[1]):
-            c.keys, c.values, c.offset = keys[...], values[...], keys.shape[2]
-        self.cached = list(prefix[0])
 
-    def _remember_prefix(self, full: list[int]) -> None:
-        """Keep the KV of the ids before the image slot, the same for every image."""
-        if IMAGE_TOKEN_INDEX not in full:
-            return
-        n = full.index(IMAGE_TOKEN_INDEX)
-        memo = ModelMemo.of(self.model)
-        if n == 0 or (memo.prefix is not None and memo.prefix[0] == full[:n]):
-            return
-        layers = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in self.cache]
-        memo.prefix = (full[:n], layers)
-
-    def _reuse_cache(self, full: list[int]) -> int:
-        """Trim the cache to the longest prefix of `full` it holds; return that length."""
-        keep = 0
-        for a, b in zip(self.cached, full):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(full) - 1)  # at least one token must be prefilled
-        target = self.expanded_length(full[:keep])
-        for c in self.cache:
-            c.trim(c.offset - target)
-        self.cached = full[:keep]
-        return keep
-
-    def _record_turn(self, full: list[int], sampled: list[int]) -> None:
-        """Close the answer with <|im_end|> and note which ids the cache really holds."""
-        answer = sampled[:-1] if sampled and sampled[-1] in self.stop_ids else sampled
-        self.tokens = full + answer + [self.im_end]
-        fed = full + sampled
-        # generate_step feeds each token before yielding it, except at max_tokens, and
-        # an interrupt can land between layers: trust the smallest offset.
-        offset = min(c.offset for c in self.cache)
-        self.cached = fed[: self._ids_within(fed, offset)]
-
-    def _ids_within(self, ids: list[int], offset: int) -> int:
-        """How many leading ids are wholly inside the first `offset` positions."""
-        if IMAGE_TOKEN_INDEX not in ids:
-            return min(offset, len(ids))
-        slot = ids.index(IMAGE_TOKEN_INDEX)
-        if offset <= slot:
-            return offset
-        if offset < slot + self.visual_tokens:
-            return slot
-        return min(offset - self.visual_tokens + 1, len(ids))
+def encode(model: Model, image: Image.Image, resolution: int) -> mx.array:
+    """The image's features [1, N, d], from the model's memo when the same pixels were
+    encoded before; evaluated here, once, for every turn that uses them."""
+    memo = ModelMemo.of(model)
+    key = image_digest(image, resolution)
+    features = memo.features.get(key)
+    if features is not None:
+        memo.features.move_to_end(key)
+        return features
+    features = model.encode_image(preprocess(image, resolution))
+    mx.eval(features)
+    check_finite(features, "the vision tower's image features")
+    memo.remember_features(key, features)
+    return features
 
 
 # A check waits for the step generate_step has already queued, so decoding checks
@@ -353,11 +280,6 @@ def check_finite(x: mx.array, what: str) -> None:
     if not mx.isfinite(x).all().item():
         raise FastVLMError(f"{what} came out non-finite (inf or NaN) in {str(x.dtype).rsplit('.', 1)[-1]}: "
                            "half precision overflowed; run in float32 (--dtype float32)")
-
-
-def _masked(sampler, mask: mx.array):
-    """A sampler that never picks the ids `mask` sets to -inf."""
-    return lambda logprobs: sampler(logprobs + mask)
 
 
 def stream_generate(model: Model, tokenizer, image: str | Path | Image.Image, prompt: str,

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import IMAGE, QUESTION, rel_err
 from fastvlm_mlx import Chat, FastVLMError, generate
-from fastvlm_mlx.generation import ModelMemo
+from fastvlm_mlx.prompt_cache import ModelMemo
 from fastvlm_mlx.defaults import DEFAULT_SYSTEM
 from fastvlm_mlx.processor import first_turn, next_turn
 

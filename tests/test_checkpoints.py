@@ -86,7 +86,7 @@ def test_context_is_the_checkpoints_tokenizer_model_max_length(tmp_path):
     with pytest.raises(FastVLMError, match="context is 200"):
         list(chat.ask("word " * 200))
     chat.stop_ids = set()
-    prompt = chat.expanded_length(chat.prompt_ids(QUESTION))
+    prompt = chat.cache.positions(chat.prompt_ids(QUESTION))
     assert len(list(chat.ask(QUESTION, max_tokens=1000))) == 200 - prompt
     # Without it, max_position_embeddings bounds the conversation, as before.
     model, _ = load(checkpoint_copy(tmp_path / "b", tokenizer_model_max_length=None), dtype=mx.float32)

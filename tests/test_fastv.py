@@ -114,8 +114,8 @@ def test_decode_positions_continue_from_the_unpruned_length(deep):
     chat.stop_ids = set()
     stream = chat.ask(QUESTION, max_tokens=6)
     next(stream)
-    T = chat.cache[0].offset  # the unpruned prompt length, plus the first answer token
-    layers = chat.cache
+    T = chat.cache.layers[0].offset  # the unpruned prompt length, plus the first answer token
+    layers = chat.cache.layers
     assert all(isinstance(c, FastVCache) for c in layers[2:])
     assert not any(isinstance(c, FastVCache) for c in layers[:2])
     for c in layers[2:]:

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import CHECKPOINT, IMAGE, QUESTION, rel_err
-from fastvlm_mlx import Chat, FastVLMError, load
+from fastvlm_mlx import Chat, FastVLMError, generation, load
 from fastvlm_mlx.defaults import DEFAULT_SYSTEM
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX
-from fastvlm_mlx.generation import image_digest
+from fastvlm_mlx.prompt_cache import image_digest
 from fastvlm_mlx.processor import first_turn, load_image, next_turn, preprocess
 
 
@@ -153,6 +153,7 @@ def test_an_answer_that_begins_with_a_space_keeps_it(tiny, monkeypatch):
     chat = Chat(model, tokenizer, IMAGE)
     chat.stop_ids = set()
     forced = mx.where(mx.arange(model.args.text_config.vocab_size) == spaced, 0.0, -mx.inf)
-    monkeypatch.setattr(chat, "mask", forced)
+    monkeypatch.setattr(generation, "make_answer_sampler",
+                        lambda *args: lambda logprobs: mx.argmax(logprobs + forced, axis=-1))
     text = "".join(r.text for r in chat.ask(QUESTION, max_tokens=3))
     assert text == tokenizer.decode([spaced] * 3) and text.startswith(" ")

@@ -8,7 +8,7 @@ the hand-written kernels of kernels/cpu.py, for MLX's CPU backend only. `auto`, 
 default, takes `cpu` on the CPU backend and `portable` elsewhere. Setting `portable`
 on a CPU runs, slowly, exactly the path a Mac runs.
 
-The model calls `kernels.<op>` at each use (compute_dtype, gelu, depthwise_conv,
+The model calls `kernels.<op>` at each use (compute_dtype, gelu, conv2d,
 pointwise_ffn, attention, swiglu); the choice is made here, per call.
 """
 

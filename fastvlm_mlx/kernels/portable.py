@@ -19,10 +19,21 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x)
 
 
-def depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
-    """A conv with one input channel per group (out = m * in), "same" padding."""
-    k = weight.shape[1]
-    return mx.conv2d(x, weight, stride, k // 2, groups=x.shape[-1]) + bias
+def conv2d(x: mx.array, weight: mx.array, bias: mx.array, stride: int, groups: int) -> mx.array:
+    """A conv with bias and "same" padding over NHWC, weights [O, k, k, I/groups]."""
+    if weight.shape[1] == 1 and groups == 1 and stride == 1:
+        return pointwise(x, weight, bias)
+    return mx.conv2d(x, weight, stride, weight.shape[1] // 2, groups=groups) + bias
+
+
+def pointwise(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """A 1x1 conv as one matmul over all pixels (on the CPU backend mx.conv2d's 1x1
+    path is 1.2-1.7x slower than the same product through BLAS); without `bias`
+    for a consumer that adds it in a kernel of its own."""
+    w = weight.reshape(weight.shape[0], -1).T
+    pixels = x.reshape(-1, x.shape[-1])
+    y = pixels @ w if bias is None else mx.addmm(bias, pixels, w)
+    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 def pointwise_ffn(x: mx.array, fc1: nn.Module, fc2: nn.Module) -> mx.array:
