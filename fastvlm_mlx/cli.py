@@ -180,6 +180,38 @@ def convert(
 app.command()(bench)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8080, min=1, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, help="Require Authorization: Bearer KEY on /v1/ requests."),
+    allow_local_images: Optional[Path] = typer.Option(None, help="Let requests name image files under this directory."),
+    cache_mb: int = typer.Option(2048, min=1, help="Memory for the KV of recent conversations, in MB."),
+    resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a positive multiple of 64 (default: the model's)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Refuse larger images before decoding them."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 weights (default: float32 on CPU, the checkpoint's own elsewhere)."),
+) -> None:
+    """Serve the OpenAI chat completions API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+    with exit_codes():
+        try:
+            import uvicorn
+
+            from .server import Engine, make_app
+        except ImportError as e:
+            raise FastVLMError(f"serve needs the serve extra: pip install 'fastvlm-mlx[serve]' ({e.name} is missing)") from None
+        from .utils import keep_freed_buffers, load, parse_dtype
+
+        if allow_local_images is not None and not allow_local_images.is_dir():
+            raise FastVLMError(f"--allow-local-images: {allow_local_images} is not a directory")
+        keep_freed_buffers()
+        vlm, tokenizer = load(model, parse_dtype(dtype))
+        engine = Engine(vlm, tokenizer, model, cache_mb * 2**20, resolution)
+        app_ = make_app(engine, api_key, allow_local_images, max_pixels)
+        print(f"Serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """The console script: usage errors are one `error:` line and exit 2, like every other."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +17,7 @@ _PIL_LIMIT = threading.Lock()  # guards PIL's process-wide decompression-bomb li
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image as RGB, upright as its EXIF orientation says.
+    """Open and fully decode an image file as RGB, upright as its EXIF orientation says.
 
     Every failure becomes one clear error; an image of more than `max_pixels`
     pixels is refused before it is decoded.
@@ -29,27 +30,35 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if not path.is_file():
         raise FastVLMError(f"{path} is not a regular file, not an image")
     try:
+        return open_image(path, str(path), max_pixels)
+    except PermissionError:
+        raise FastVLMError(f"cannot read {path}: permission denied") from None
+
+
+def open_image(source: Path | BinaryIO, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file or an in-memory image as load_image does; `name` is for errors."""
+    try:
         with _PIL_LIMIT:
             bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours applies
             try:
-                img = Image.open(path)
+                img = Image.open(source)
             finally:
                 Image.MAX_IMAGE_PIXELS = bomb_limit
         with img:
             w, h = img.size
             if w * h > max_pixels:
                 raise FastVLMError(
-                    f"{path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                    f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
                     "--max-pixels raises it (decoding takes 3 bytes a pixel)"
                 )
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
-    except PermissionError:
-        raise FastVLMError(f"cannot read {path}: permission denied") from None
     except UnidentifiedImageError:
-        raise FastVLMError(f"not an image: {path} (PIL cannot identify its format)") from None
+        raise FastVLMError(f"not an image: {name} (PIL cannot identify its format)") from None
+    except PermissionError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise FastVLMError(f"cannot decode image {path}: {e} (truncated or corrupt file?)") from None
+        raise FastVLMError(f"cannot decode image {name}: {e} (truncated or corrupt file?)") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -180,15 +189,24 @@ def first_turn(tokenizer, system: str, question: str, with_image: bool = True) -
     for any text that does not spell a control token.
     """
     ids = _template(tokenizer, "<|im_start|>") + _literal(tokenizer, f"system\n{system}")
-    ids += _template(tokenizer, "<|im_end|>\n<|im_start|>")
+    return ids + _template(tokenizer, "<|im_end|>\n<|im_start|>") + _user(tokenizer, question, with_image)
+
+
+def next_turn(tokenizer, question: str, with_image: bool = False) -> list[int]:
+    """Ids of a follow-up user turn; the previous answer's <|im_end|> is already in the history."""
+    return _template(tokenizer, "\n<|im_start|>") + _user(tokenizer, question, with_image)
+
+
+def _user(tokenizer, question: str, with_image: bool) -> list[int]:
+    """The user's turn after its <|im_start|>, the image slot first, through the
+    assistant's opening."""
     if with_image:
-        ids += _literal(tokenizer, "user\n") + [IMAGE_TOKEN_INDEX] + _literal(tokenizer, f"\n{question}")
+        ids = _literal(tokenizer, "user\n") + [IMAGE_TOKEN_INDEX] + _literal(tokenizer, f"\n{question}")
     else:
-        ids += _literal(tokenizer, f"user\n{question}")
+        ids = _literal(tokenizer, f"user\n{question}")
     return ids + _template(tokenizer, "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def next_turn(tokenizer, question: str) -> list[int]:
-    """Ids of a follow-up user turn; the previous answer's <|im_end|> is already in the history."""
-    return (_template(tokenizer, "\n<|im_start|>") + _literal(tokenizer, f"user\n{question}")
-            + _template(tokenizer, "<|im_end|>\n<|im_start|>assistant\n"))
+def assistant_turn(tokenizer, answer: str) -> list[int]:
+    """Ids of an answer given back in the history, as text (its <|im_end|> follows)."""
+    return _literal(tokenizer, answer)

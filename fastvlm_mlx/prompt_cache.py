@@ -21,8 +21,9 @@ class ModelMemo:
     turn and template), so a new conversation prefills it only once per model.
     """
 
-    def __init__(self, images: int = 8):
+    def __init__(self, images: int = 8, max_bytes: int | None = None):
         self.images = images
+        self.max_bytes = max_bytes
         self.features: OrderedDict[str, mx.array] = OrderedDict()
         self.prefix: tuple[list[int], list[tuple[mx.array, mx.array]]] | None = None
 
@@ -36,7 +37,8 @@ class ModelMemo:
 
     def remember_features(self, key: str, features: mx.array) -> None:
         self.features[key] = features
-        while len(self.features) > self.images:
+        while len(self.features) > self.images or (
+                self.max_bytes is not None and sum(f.nbytes for f in self.features.values()) > self.max_bytes):
             self.features.popitem(last=False)
 
 
@@ -103,7 +105,9 @@ class PromptCache:
         memo = ModelMemo.of(self.model)
         if n == 0 or (memo.prefix is not None and memo.prefix[0] == prompt[:n]):
             return
-        memo.prefix = (prompt[:n], [(c.keys[..., :n, :], c.values[..., :n, :]) for c in self.layers])
+        layers = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in self.layers]
+        mx.eval(layers)  # a lazy array belongs to the thread that made it; a server's worker does
+        memo.prefix = (prompt[:n], layers)
 
     def _seed(self, prompt: list[int]) -> None:
         prefix = ModelMemo.of(self.model).prefix

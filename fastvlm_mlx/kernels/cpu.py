@@ -85,15 +85,16 @@ def _gelu_erf_part(x: mx.array, bias: mx.array | float, w: mx.array) -> mx.array
 
 # MLX's CPU backend runs each elementwise kernel on one thread, and each stream on
 # a thread of its own: the tower's elementwise work is split into bands of rows,
-# one per core, each on its own stream (1.9x on 2 cores).
-_STREAMS: list[mx.Stream] = []
+# one per core, each on its own stream (1.9x on 2 cores). A stream belongs to the
+# thread that made it, so these are thread-local: a server's worker gets its own.
+_STREAMS: list[mx.ThreadLocalStream] = []
 
 
 def in_bands(band: Callable[[int, int], mx.array], rows: int) -> list[mx.array]:
     """band(start, stop) for one slice of axis 1 per CPU stream."""
     if not _STREAMS:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(cores or 1, 8)))
+        _STREAMS.extend(mx.new_thread_local_stream(mx.cpu) for _ in range(min(cores or 1, 8)))
     n = min(len(_STREAMS), rows)
     edges = [rows * i // n for i in range(n + 1)]
     parts = []
