@@ -180,6 +180,18 @@ def convert(
 app.command()(bench)
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise FastVLMError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 @app.command()
 def serve(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
@@ -204,6 +216,7 @@ def serve(
 
         if allow_local_images is not None and not allow_local_images.is_dir():
             raise FastVLMError(f"--allow-local-images: {allow_local_images} is not a directory")
+        _check_port(host, port)  # before minutes of loading
         keep_freed_buffers()
         vlm, tokenizer = load(model, parse_dtype(dtype))
         engine = Engine(vlm, tokenizer, model, cache_mb * 2**20, resolution)

@@ -141,6 +141,13 @@ CASES = [
     (["bench", *TINY, "--json", "home"], "--json home is a directory"),
     (["bench", *TINY, "--resolutions", "a,b"], "--resolutions takes comma-separated integers"),
     (["bench", "--random", "3b"], "--random takes one of"),
+    # serve: checked before the model loads
+    (["serve", *TINY, "--allow-local-images", "nowhere"], "--allow-local-images: nowhere is not a directory"),
+    (["serve", *TINY, "--allow-local-images", "notes.txt"], "notes.txt is not a directory"),
+    (["serve", *TINY, "--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid:8080"),
+    (["serve", *TINY, "--port", "70000"], "Invalid value for '--port'"),
+    (["serve", *TINY, "--cache-mb", "0"], "Invalid value for '--cache-mb'"),
+    (["serve", "--model", "nowhere", "--port", "8799"], "model directory not found"),
 ]
 
 

@@ -5,6 +5,9 @@ import concurrent.futures
 import functools
 import http.server
 import io
+import socket
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -278,3 +281,43 @@ def test_caches_are_bounded_by_memory_least_recent_first(live, monkeypatch):
     for key in "abc":
         memo.remember_features(key, mx.zeros((1000,)))  # 4000 bytes each
     assert list(memo.features) == ["b", "c"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_serve_command_end_to_end():
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fastvlm_mlx", "serve", "--model", str(CHECKPOINT),
+                               "--port", str(port), "--api-key", KEY],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # bounded: 60 s
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="m", messages=ask(QUESTION, data_url(IMAGE)),
+                                               temperature=0, max_tokens=8)
+        model, tokenizer = load(CHECKPOINT, dtype=mx.float32)
+        assert reply.choices[0].message.content == generate(model, tokenizer, IMAGE, QUESTION, max_tokens=8)
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_error_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "fastvlm_mlx", "serve", "--model", str(CHECKPOINT),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
