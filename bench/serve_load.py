@@ -37,20 +37,24 @@ def _data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _conversation(client, seed: int, turns: int, max_tokens: int) -> list[tuple[int, float]]:
-    """(turn, TTFT s) for each turn of one client's conversation."""
+def _conversation(client, seed: int, turns: int, max_tokens: int) -> list[tuple[int, float, float]]:
+    """(turn, TTFT seen by the client, the server's own vision + prefill) in s, for
+    each turn of one client's conversation."""
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(seed)}},
                                              {"type": "text", "text": "Describe this picture."}]}]
     times = []
     for turn in range(turns):
-        start, first, text = time.perf_counter(), None, ""
+        start, first, text, server = time.perf_counter(), None, "", float("nan")
         for chunk in client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens,
-                                                    temperature=0, stream=True):
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}):
             piece = chunk.choices[0].delta.content if chunk.choices else None
             if piece and first is None:
                 first = time.perf_counter() - start
             text += piece or ""
-        times.append((turn, first if first is not None else time.perf_counter() - start))
+            if not chunk.choices:
+                server = chunk.model_extra["timings"]["ttft_ms"] / 1e3
+        times.append((turn, first if first is not None else time.perf_counter() - start, server))
         messages += [{"role": "assistant", "content": text},
                      {"role": "user", "content": f"Tell me more, part {turn + 2}."}]
     return times
@@ -89,15 +93,17 @@ def main(
     wall = time.perf_counter() - start
     server.should_exit = True
     thread.join(timeout=10)
-    engine.close()
     print(f"serve load: random {random} weights, {mx.default_device()}, {resolution} px, {clients} clients x "
           f"{turns} turns, {max_tokens} tokens an answer, one request answered at a time")
     print(f"{len(results)} requests in {wall:.1f} s: {len(results) / wall:.2f} requests/s")
-    for name, ttfts in (("opening turns", [t for n, t in results if n == 0]),
-                        ("follow-up turns", [t for n, t in results if n > 0])):
-        if ttfts:
-            print(f"  {name:16} TTFT p50 {percentile(ttfts, 50) * 1e3:8.0f} ms   p99 "
-                  f"{percentile(ttfts, 99) * 1e3:8.0f} ms   ({len(ttfts)} requests, queueing included)")
+    print(f"{'':18}{'client TTFT (queueing included)':>34}{'server TTFT (vision + prefill)':>34}")
+    print(f"{'':18}{'p50':>17}{'p99':>17}{'p50':>17}{'p99':>17}")
+    for name, rows in (("opening turns", [r for r in results if r[0] == 0]),
+                       ("follow-up turns", [r for r in results if r[0] > 0])):
+        if rows:
+            columns = [f(v) for v in ([r[1] for r in rows], [r[2] for r in rows])
+                       for f in (lambda v: percentile(v, 50), lambda v: percentile(v, 99))]
+            print(f"  {name:16}" + "".join(f"{c * 1e3:14.0f} ms" for c in columns) + f"   ({len(rows)} requests)")
 
 
 def percentile(values: list[float], q: float) -> float:

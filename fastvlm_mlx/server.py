@@ -282,7 +282,12 @@ class Job:
 
 
 class Engine:
-    """Owns the model: a worker thread answers queued jobs one at a time."""
+    """Owns the model: a worker thread answers queued jobs one at a time.
+
+    The worker lives as long as the process: with MLX 0.32 a thread that ran
+    compiled functions and ended before the process makes its exit abort
+    ("terminate called without an active exception") about half the time.
+    """
 
     def __init__(self, model: Model, tokenizer, model_id: str, cache_bytes: int,
                  resolution: int | None = None):
@@ -299,7 +304,7 @@ class Engine:
         memo.images, memo.max_bytes = 1 << 20, cache_bytes // 4
         self.store = ConversationStore(cache_bytes - cache_bytes // 4)
         self.answers: OrderedDict[str, list[int]] = OrderedDict()  # answer text -> the ids sampled
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job] = queue.Queue()
         self.running = 0
         self.worker = threading.Thread(target=self._work, name="fastvlm-mlx engine", daemon=True)
         self.worker.start()
@@ -311,12 +316,8 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.worker.join(timeout=30)
-
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while job := self.jobs.get():
             self.running = 1
             try:
                 if not job.cancelled.is_set():

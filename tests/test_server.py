@@ -52,7 +52,6 @@ def live():
     yield SimpleNamespace(url=url, engine=engine, model=model, tokenizer=tokenizer, client=client)
     server.should_exit = True
     thread.join(timeout=10)
-    engine.close()
 
 
 def data_url(image) -> str:
