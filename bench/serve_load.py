@@ -5,7 +5,7 @@ its own picture, through the official openai client, streamed.
 
 Starts the server in this process on 127.0.0.1 (random weights of the published
 shapes, the fixture's Qwen2 tokenizer, end of answer ignored so that every answer
-has --max-tokens tokens), then prints requests/s and TTFT (time to the first
+has --max-tokens tokens; --max-concurrency as the server's), then prints requests/s and TTFT (time to the first
 streamed text) p50/p99, for opening turns (vision + whole prefill) and follow-ups
 (features and the conversation's KV reused) apart. Needs the dev extra (openai).
 """
@@ -67,16 +67,19 @@ def main(
     turns: int = typer.Option(3, min=1, help="Turns in each client's conversation."),
     max_tokens: int = typer.Option(16, min=1, help="Tokens per answer."),
     resolution: int = typer.Option(1024, min=64, help="Input side in pixels."),
+    max_concurrency: int = typer.Option(4, min=1, help="The server's --max-concurrency."),
 ) -> None:
     import openai
     import uvicorn
 
+    from fastvlm_mlx.generation import BatchDecoder
     from fastvlm_mlx.server import Engine, make_app
 
     keep_freed_buffers()
     model = random_model(random_config(random), mx.float16 if mx.default_device() != mx.cpu else mx.float32)
-    engine = Engine(model, load_tokenizer(tokenizer), f"random-{random}", 4 * 2**30, resolution)
-    engine.stop_ids = set()
+    words = load_tokenizer(tokenizer)
+    engine = Engine(model, words, f"random-{random}", 4 * 2**30, resolution, max_concurrency)
+    engine.decoder = BatchDecoder(model, words, set(), max_concurrency)  # every answer max_tokens long
     server = uvicorn.Server(uvicorn.Config(make_app(engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -94,7 +97,7 @@ def main(
     server.should_exit = True
     thread.join(timeout=10)
     print(f"serve load: random {random} weights, {mx.default_device()}, {resolution} px, {clients} clients x "
-          f"{turns} turns, {max_tokens} tokens an answer, one request answered at a time")
+          f"{turns} turns, {max_tokens} tokens an answer, --max-concurrency {max_concurrency}")
     print(f"{len(results)} requests in {wall:.1f} s: {len(results) / wall:.2f} requests/s")
     print(f"{'':18}{'client TTFT (queueing included)':>34}{'server TTFT (vision + prefill)':>34}")
     print(f"{'':18}{'p50':>17}{'p99':>17}{'p50':>17}{'p99':>17}")

@@ -199,7 +199,8 @@ def serve(
     port: int = typer.Option(8080, min=1, max=65535, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, help="Require Authorization: Bearer KEY on /v1/ requests."),
     allow_local_images: Optional[Path] = typer.Option(None, help="Let requests name image files under this directory."),
-    cache_mb: int = typer.Option(2048, min=1, help="Memory for the KV of recent conversations, in MB."),
+    cache_mb: int = typer.Option(2048, min=1, help="Memory for image features and the KV of recent conversations, in MB."),
+    max_concurrency: int = typer.Option(4, min=1, help="Requests decoded together; later ones wait their turn."),
     resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a positive multiple of 64 (default: the model's)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Refuse larger images before decoding them."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 weights (default: float32 on CPU, the checkpoint's own elsewhere)."),
@@ -219,7 +220,7 @@ def serve(
         _check_port(host, port)  # before minutes of loading
         keep_freed_buffers()
         vlm, tokenizer = load(model, parse_dtype(dtype))
-        engine = Engine(vlm, tokenizer, model, cache_mb * 2**20, resolution)
+        engine = Engine(vlm, tokenizer, model, cache_mb * 2**20, resolution, max_concurrency)
         app_ = make_app(engine, api_key, allow_local_images, max_pixels)
         print(f"Serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr)
         uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
@@ -139,6 +139,86 @@ def stream_answer(model: Model, tokenizer, cache: PromptCache, prompt: list[int]
             yield GenerationResponse(piece + text.flush(), token, logprobs, "length", stats)
             return
         yield GenerationResponse(piece, token, logprobs, None, stats)
+
+
+@dataclass
+class _Sequence:
+    cache: PromptCache
+    prompt: list[int]
+    stats: Stats
+    start: float
+    text: TextStream
+    sampled: list[int] = field(default_factory=list)
+
+
+class BatchDecoder:
+    """Many answers decoded together on mlx-lm's BatchGenerator (continuous batching):
+    the one batched path of `serve` and `caption`.
+
+    Each sequence is prefilled on its own PromptCache as stream_answer does (image
+    spliced in, only what the cache lacks) but for its last token, which the
+    generator feeds; then it decodes with the others, left-padded to a common
+    length. A finished or cancelled sequence leaves its KV in its PromptCache.
+    """
+
+    def __init__(self, model: Model, tokenizer, stop_ids: set[int], max_batch: int):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+        self.generator = BatchGenerator(model.language_model, stop_tokens=[[i] for i in sorted(stop_ids)],
+                                        completion_batch_size=max_batch, prefill_batch_size=max_batch)
+        self.sequences: dict[int, _Sequence] = {}
+
+    def add(self, cache: PromptCache, prompt: list[int], features: mx.array | None, sampler,
+            max_tokens: int, stats: Stats) -> int:
+        """Prefill one sequence and queue it for decoding; its uid."""
+        new = prompt[cache.reuse(prompt):]
+        stats.prompt_tokens = cache.positions(new)
+        start = time.perf_counter()
+        if len(new) > 1:
+            check_finite(prefill(self.model, new[:-1], features, cache.layers),
+                         "the decoder's logits in the prefill")
+        cache.share_prefix(prompt)
+        uid = self.generator.insert([[new[-1]]], max_tokens=[max_tokens], caches=[cache.layers],
+                                    samplers=[sampler])[0]
+        self.sequences[uid] = _Sequence(cache, prompt, stats, start, TextStream(self.tokenizer))
+        return uid
+
+    def step(self) -> list[tuple[int, GenerationResponse]]:
+        """One token for every sequence in the batch (sequences still being admitted
+        may give none)."""
+        out = []
+        for r in self.generator.next_generated():
+            seq = self.sequences[r.uid]
+            seq.sampled.append(r.token)
+            n = len(seq.sampled)
+            now = time.perf_counter() - seq.start
+            if n == 1:
+                seq.stats.prefill_s = now
+            seq.stats.generation_tokens, seq.stats.decode_s = n, now - seq.stats.prefill_s
+            if r.finish_reason or n == 1 or n % FINITE_CHECK_EVERY == 0:
+                check_finite(r.logprobs, f"the decoder's logits at answer token {n}")
+            if r.finish_reason:
+                stop = r.token in self.stop_ids
+                piece = seq.text.flush() if stop else seq.text.add(r.token) + seq.text.flush()
+                self._settle(r.uid, r.prompt_cache)
+                out.append((r.uid, GenerationResponse(piece, r.token, r.logprobs,
+                                                      "stop" if stop else "length", seq.stats)))
+            else:
+                out.append((r.uid, GenerationResponse(seq.text.add(r.token), r.token, r.logprobs, None,
+                                                      seq.stats)))
+        return out
+
+    def cancel(self, uid: int) -> None:
+        """Stop a sequence now; its cache keeps what was fed."""
+        if uid not in self.sequences:
+            return
+        layers = self.generator.remove([uid], return_prompt_caches=True).get(uid, (None,))[0]
+        self._settle(uid, layers)
+
+    def _settle(self, uid: int, layers: list | None) -> None:
+        seq = self.sequences.pop(uid)
+        if layers:
+            seq.cache.layers = layers
+        seq.cache.settle(seq.prompt + seq.sampled)
 
 
 def make_answer_sampler(tokenizer, model: Model, temperature: float, top_p: float):

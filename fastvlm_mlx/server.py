@@ -1,8 +1,8 @@
 """`fastvlm-mlx serve`: OpenAI's chat completions API over one model, on FastAPI + uvicorn.
 
 The HTTP side parses, checks and streams; one worker thread owns the model and
-answers the queued requests in arrival order through the same prefill and
-decode as `chat` (generation.stream_answer). What it computes is kept: image
+admits the queued requests in arrival order, prefilling each as `chat` does and
+decoding up to --max-concurrency of them together (generation.BatchDecoder). What it computes is kept: image
 features by content (the model's memo) and the KV of recent conversations,
 found again by the longest prefix a new request shares with them.
 """
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
 from .errors import FastVLMError
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
-from .generation import Stats, encode, make_answer_sampler, stream_answer
+from .generation import BatchDecoder, Stats, encode, make_answer_sampler
 from .processor import assistant_turn, first_turn, next_turn, open_image
 from .prompt_cache import ModelMemo, PromptCache, image_digest
 
@@ -276,13 +276,23 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # set by the worker once the job is decoding
+    prompt: list[int] = field(default_factory=list)
+    key: str | None = None
+    cache: PromptCache | None = None
+    stops: StopText | None = None
+    stats: Stats | None = None
+    sampled: list[int] = field(default_factory=list)
+    text: str = ""
+    cut: bool = False
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    """Owns the model: a worker thread answers queued jobs one at a time.
+    """Owns the model: a worker thread admits queued jobs, up to `max_concurrency`
+    decoding together (generation.BatchDecoder), the others waiting in order.
 
     The worker lives as long as the process: with MLX 0.32 a thread that ran
     compiled functions and ended before the process makes its exit abort
@@ -290,22 +300,24 @@ class Engine:
     """
 
     def __init__(self, model: Model, tokenizer, model_id: str, cache_bytes: int,
-                 resolution: int | None = None):
+                 resolution: int | None = None, max_concurrency: int = 4):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         vision = model.args.vision_config
         self.resolution = vision.image_size if resolution is None else resolution
         vision.check_resolution(self.resolution)
         self.visual_tokens = (self.resolution // vision.stride) ** 2
         self.context = model.args.context_length
-        self.stop_ids = set(tokenizer.eos_token_ids) | {
-            tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        stop_ids = set(tokenizer.eos_token_ids) | {
+            tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        self.max_concurrency = max_concurrency
+        self.decoder = BatchDecoder(model, tokenizer, stop_ids, max_concurrency)
         memo = ModelMemo.of(model)  # a quarter of the cache for image features, by content
         memo.images, memo.max_bytes = 1 << 20, cache_bytes // 4
         self.store = ConversationStore(cache_bytes - cache_bytes // 4)
         self.answers: OrderedDict[str, list[int]] = OrderedDict()  # answer text -> the ids sampled
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.running = 0
+        self.decoding: dict[int, Job] = {}
         self.worker = threading.Thread(target=self._work, name="fastvlm-mlx engine", daemon=True)
         self.worker.start()
 
@@ -313,24 +325,54 @@ class Engine:
     def waiting(self) -> int:
         return self.jobs.qsize()
 
+    @property
+    def running(self) -> int:
+        return len(self.decoding)
+
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
     def _work(self) -> None:
-        while job := self.jobs.get():
-            self.running = 1
+        while True:
+            while len(self.decoding) < self.max_concurrency:
+                try:
+                    job = self.jobs.get(block=not self.decoding)
+                except queue.Empty:
+                    break
+                self._guard(job, self._admit, job)
             try:
-                if not job.cancelled.is_set():
-                    self._answer(job)
-            except APIError as e:
-                job.send("error", e)
-            except FastVLMError as e:
-                job.send("error", APIError(400, str(e)))
-            except Exception as e:  # keep serving; the client learns what happened
-                job.send("error", APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
-            finally:
-                self.running = 0
-                job.send("end")
+                responses = self.decoder.step()
+            except Exception as e:  # a failed step fails every answer in it
+                for uid, job in list(self.decoding.items()):
+                    self.decoder.cancel(uid)
+                    self._fail(self.decoding.pop(uid), e)
+                continue
+            for uid, response in responses:
+                job = self.decoding[uid]
+                self._guard(job, self._deliver, uid, job, response)
+            for uid, job in list(self.decoding.items()):
+                if job.cancelled.is_set():
+                    self.decoder.cancel(uid)
+                    self._finish(uid, job, "stop")
+
+    def _guard(self, job: Job, step, *args) -> None:
+        """Run one step of a job; an error ends that job alone, the server goes on."""
+        try:
+            step(*args)
+        except Exception as e:
+            for uid, j in list(self.decoding.items()):
+                if j is job:
+                    self.decoder.cancel(uid)
+                    del self.decoding[uid]
+            self._fail(job, e)
+
+    @staticmethod
+    def _fail(job: Job, e: Exception) -> None:
+        if isinstance(e, FastVLMError):
+            e = APIError(400, str(e))
+        elif not isinstance(e, APIError):
+            e = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        job.send("error", e)
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
         """The qwen_2 template as `chat` builds it; answers this server gave are read
@@ -345,56 +387,69 @@ class Engine:
                 ids.append(self.im_end)
         return ids
 
-    def _answer(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        """Encode the image (unless its features are known), find the conversation's KV,
+        prefill what it lacks and join the batch."""
+        if job.cancelled.is_set():
+            return
         r = job.request
-        prompt = self.prompt_ids(job.conversation)
-        length = len(prompt) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in prompt else 0)
+        job.prompt = self.prompt_ids(job.conversation)
+        length = len(job.prompt) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in job.prompt else 0)
         if length >= self.context:
             raise APIError(400, f"the prompt is {length} tokens but the model's context is {self.context}",
                            "context_length_exceeded")
-        limit = r.max_completion_tokens or r.max_tokens or 512
-        features, key, vision_s = None, None, 0.0
+        features, vision_s = None, 0.0
         if job.image is not None:
-            key = image_digest(job.image, self.resolution)
+            job.key = image_digest(job.image, self.resolution)
             start = time.perf_counter()
             features = encode(self.model, job.image, self.resolution)
             vision_s = time.perf_counter() - start
-        cache = self.store.take(prompt, key) or PromptCache(self.model, self.visual_tokens if key else 0)
+        job.cache = self.store.take(job.prompt, job.key) or PromptCache(
+            self.model, self.visual_tokens if job.key else 0)
         if r.seed is not None:
             mx.random.seed(r.seed)
         sampler = make_answer_sampler(self.tokenizer, self.model, r.temperature, r.top_p)
-        stats = Stats(visual_tokens=self.visual_tokens if key else 0, vision_s=vision_s)
-        stops = StopText([r.stop] if isinstance(r.stop, str) else r.stop or [])
-        sampled: list[int] = []
-        text, finish, cut = "", None, False
+        job.stops = StopText([r.stop] if isinstance(r.stop, str) else r.stop or [])
+        job.stats = Stats(visual_tokens=features.shape[1] if features is not None else 0, vision_s=vision_s)
+        limit = min(r.max_completion_tokens or r.max_tokens or 512, self.context - length)
         try:
-            for response in stream_answer(self.model, self.tokenizer, cache, prompt, features, sampler,
-                                          min(limit, self.context - length), self.stop_ids, stats):
-                sampled.append(response.token)
-                piece, cut = stops.add(response.text)
-                if response.finish_reason and not cut:
-                    piece += stops.flush()
-                text += piece
-                if piece:
-                    job.send("text", piece)
-                finish = "stop" if cut else response.finish_reason
-                if cut or job.cancelled.is_set():
-                    break
-        finally:
-            cache.settle(prompt + sampled)
-            self.store.put(cache, key)
-        answer = sampled[:-1] if sampled and sampled[-1] in self.stop_ids else sampled
-        if not cut and not job.cancelled.is_set():
-            self.answers[text] = answer
+            uid = self.decoder.add(job.cache, job.prompt, features, sampler, limit, job.stats)
+        except Exception:
+            self.store.put(job.cache, job.key)
+            raise
+        self.decoding[uid] = job
+
+    def _deliver(self, uid: int, job: Job, response) -> None:
+        job.sampled.append(response.token)
+        piece, job.cut = job.stops.add(response.text)
+        if response.finish_reason and not job.cut:
+            piece += job.stops.flush()
+        job.text += piece
+        if piece:
+            job.send("text", piece)
+        if job.cut:
+            self.decoder.cancel(uid)
+        if job.cut or response.finish_reason:
+            self._finish(uid, job, "stop" if job.cut else response.finish_reason)
+
+    def _finish(self, uid: int, job: Job, finish: str) -> None:
+        """Keep the conversation's KV and the answer's ids; tell the client."""
+        del self.decoding[uid]
+        self.store.put(job.cache, job.key)
+        sampled = job.sampled
+        answer = sampled[:-1] if sampled and sampled[-1] in self.decoder.stop_ids else sampled
+        if not job.cut and not job.cancelled.is_set():
+            self.answers[job.text] = answer
             while len(self.answers) > 1024:
                 self.answers.popitem(last=False)
+        length, stats = job.cache.positions(job.prompt), job.stats
         usage = {"prompt_tokens": length, "completion_tokens": len(answer),
                  "total_tokens": length + len(answer),
                  "prompt_tokens_details": {"cached_tokens": length - stats.prompt_tokens}}
         timings = {"vision_ms": stats.vision_s * 1e3, "prefill_ms": stats.prefill_s * 1e3,
                    "ttft_ms": stats.ttft_s * 1e3, "decode_tokens_per_s": stats.decode_tps,
                    "prefilled_tokens": stats.prompt_tokens}
-        job.send("done", finish or "length", usage, timings)
+        job.send("done", finish, usage, timings)
 
 
 # --- the HTTP side ---------------------------------------------------------------

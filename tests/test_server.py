@@ -22,6 +22,7 @@ from PIL import Image
 
 from conftest import CHECKPOINT, FIXTURE, IMAGE, QUESTION
 from fastvlm_mlx import Chat, generate, load
+from fastvlm_mlx.generation import BatchDecoder
 from fastvlm_mlx.processor import next_turn
 from fastvlm_mlx.prompt_cache import ModelMemo
 from fastvlm_mlx.server import Engine, Message, StopText, make_app, read_messages
@@ -230,7 +231,7 @@ def test_stop_text_holds_back_a_possible_stop():
     assert stops.flush() == ""
 
 
-def test_concurrent_clients_each_get_their_serial_answer(live):
+def test_concurrent_clients_each_get_their_serial_answer(live, monkeypatch):
     questions = [f"Question {i}: what do you see?" for i in range(8)]
     url = data_url(IMAGE)
 
@@ -240,14 +241,19 @@ def test_concurrent_clients_each_get_their_serial_answer(live):
         return r.json()["choices"][0]["message"]["content"]
 
     serial = {q: one(q) for q in questions}
+    together = []
+    step = live.engine.decoder.step
+    monkeypatch.setattr(live.engine.decoder, "step", lambda: together.append(live.engine.running) or step())
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, q) for q in questions for _ in range(5)]
         answers = [f.result(timeout=300) for f in futures]
     assert answers == [serial[q] for q in questions for _ in range(5)]
+    assert max(together) == live.engine.max_concurrency  # they were decoded as a batch
 
 
 def test_a_client_that_disconnects_stops_its_generation(live, monkeypatch):
-    monkeypatch.setattr(live.engine, "stop_ids", set())  # nothing ends the answer early
+    # nothing ends the answer early
+    monkeypatch.setattr(live.engine, "decoder", BatchDecoder(live.model, live.tokenizer, set(), 4))
     body = {"messages": ask("Tell me a long story."), "max_tokens": 3000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
