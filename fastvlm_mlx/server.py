@@ -184,6 +184,7 @@ def fetch_image(url: str, local_dir: Path | None, max_pixels: int) -> Image.Imag
 
 
 def _download(url: str) -> bytes:
+    deadline = time.monotonic() + FETCH_TIMEOUT_S  # in all: a server may send slowly
     try:
         with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as r:
             if r.status_code != 200:
@@ -193,6 +194,8 @@ def _download(url: str) -> bytes:
                 data += chunk
                 if len(data) > MAX_IMAGE_BYTES:
                     raise APIError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB", "image_too_large")
+                if time.monotonic() > deadline:
+                    raise APIError(400, f"fetching the image took over {FETCH_TIMEOUT_S:.0f} s", "invalid_image_url")
             return bytes(data)
     except httpx.HTTPError as e:
         raise APIError(400, f"cannot fetch the image: {type(e).__name__}", "invalid_image_url") from None

@@ -25,7 +25,8 @@ from fastvlm_mlx import Chat, generate, load
 from fastvlm_mlx.generation import BatchDecoder
 from fastvlm_mlx.processor import next_turn
 from fastvlm_mlx.prompt_cache import ModelMemo
-from fastvlm_mlx.server import Engine, Message, StopText, make_app, read_messages
+from fastvlm_mlx import server
+from fastvlm_mlx.server import APIError, Engine, Message, StopText, fetch_image, make_app, read_messages
 
 KEY = "test-key"
 
@@ -326,3 +327,19 @@ def test_a_port_in_use_is_one_error_line():
                             "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_image_limits_apply_to_every_source(tmp_path, monkeypatch):
+    big = noise(3).resize((400, 300))
+    with pytest.raises(APIError, match="over the limit of 100,000"):
+        fetch_image(data_url(big), None, max_pixels=100_000)
+    big.save(tmp_path / "big.png")
+    with pytest.raises(APIError, match="over the limit of 100,000"):
+        fetch_image(str(tmp_path / "big.png"), tmp_path, max_pixels=100_000)
+    assert fetch_image(str(tmp_path / "big.png"), tmp_path, max_pixels=120_000).size == (400, 300)
+    with pytest.raises(APIError, match="allowed directory"):
+        fetch_image(str(tmp_path / ".." / "big.png"), tmp_path, max_pixels=120_000)
+    monkeypatch.setattr(server, "MAX_IMAGE_BYTES", 1000)
+    for source, where in ((data_url(big), None), (str(tmp_path / "big.png"), tmp_path)):
+        with pytest.raises(APIError, match="the image is over"):
+            fetch_image(source, where, max_pixels=120_000)
