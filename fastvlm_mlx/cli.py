@@ -20,7 +20,7 @@ except ImportError:
     from click import exceptions as click_exceptions
 
 from .bench.cli import bench
-from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SYSTEM
+from .defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SYSTEM
 from .errors import FastVLMError, exit_codes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -178,6 +178,46 @@ def convert(
 
 
 app.command()(bench)
+
+
+@app.command()
+def caption(
+    inputs: list[str] = typer.Argument(..., help="Image directories (recursive), globs, or text files listing image paths."),
+    out: Path = typer.Option(..., "--out", "-o", help="JSON lines, one an image; appended to, images already in it skipped."),
+    prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", "-p", help="What to ask about each image."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    max_tokens: int = typer.Option(128, min=1, help="Most tokens per caption."),
+    resolution: Optional[int] = typer.Option(None, help="Input side in pixels, a positive multiple of 64 (default: the model's)."),
+    batch: int = typer.Option(4, min=1, help="Images through the tower in one pass, and answers decoded together."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help="Images larger than this are failures, not decoded."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 weights (default: float32 on CPU, the checkpoint's own elsewhere)."),
+) -> None:
+    """Caption many images into JSON lines: greedy, batched, resumable; under mlx.launch, sharded by rank."""
+    with exit_codes():
+        import time
+
+        from .caption import Settings, caption_all, collect
+        from .processor import check_text
+        from .utils import keep_freed_buffers, load, parse_dtype
+
+        check_text(prompt)
+        if out.is_dir():
+            raise FastVLMError(f"--out {out} is a directory; give a file name such as captions.jsonl")
+        if not out.parent.is_dir():
+            raise FastVLMError(f"--out: the directory {out.parent} does not exist")
+        if not collect(inputs):
+            raise FastVLMError("no images found in " + ", ".join(inputs))
+        keep_freed_buffers()
+        vlm, tokenizer = load(model, parse_dtype(dtype))
+        vision = vlm.args.vision_config
+        side = vision.image_size if resolution is None else resolution
+        vision.check_resolution(side)
+        start = time.perf_counter()
+        counts = caption_all(vlm, tokenizer, inputs, out, Settings(prompt, max_tokens, side, batch, max_pixels))
+        took = time.perf_counter() - start
+        rate = (counts["done"] + counts["failed"]) / took if took > 0 else 0.0
+        print(f"caption: {counts['done']} done, {counts['skipped']} skipped (already in {out.name}), "
+              f"{counts['failed']} failed, {took:.1f} s, {rate:.2f} images/s", file=sys.stderr)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -221,6 +221,12 @@ class BatchDecoder:
         seq.cache.settle(seq.prompt + seq.sampled)
 
 
+def stop_ids(tokenizer) -> set[int]:
+    """The ids that end an answer: the tokenizer's end of sequence, <|im_end|>, <|endoftext|>."""
+    return set(tokenizer.eos_token_ids) | {
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+
+
 def make_answer_sampler(tokenizer, model: Model, temperature: float, top_p: float):
     """mlx-lm's sampler, never picking the ids past the tokenizer's vocabulary that pad
     the embedding table."""
@@ -260,9 +266,7 @@ class Chat:
                 f"context is {self.context}: choose a lower resolution"
             )
         self._turn = 0  # bumped by every answer: a superseded stream stops and records nothing
-        self.stop_ids = set(tokenizer.eos_token_ids) | {
-            tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
-        }
+        self.stop_ids = stop_ids(tokenizer)
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.features: mx.array | None = None
         self.vision_s = 0.0

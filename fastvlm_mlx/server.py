@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
 from .errors import FastVLMError
 from .fastvlm import IMAGE_TOKEN_INDEX, Model
-from .generation import BatchDecoder, Stats, encode, make_answer_sampler
+from .generation import BatchDecoder, Stats, encode, make_answer_sampler, stop_ids
 from .processor import assistant_turn, first_turn, next_turn, open_image
 from .prompt_cache import ModelMemo, PromptCache, image_digest
 
@@ -311,10 +311,8 @@ class Engine:
         self.visual_tokens = (self.resolution // vision.stride) ** 2
         self.context = model.args.context_length
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        stop_ids = set(tokenizer.eos_token_ids) | {
-            tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
         self.max_concurrency = max_concurrency
-        self.decoder = BatchDecoder(model, tokenizer, stop_ids, max_concurrency)
+        self.decoder = BatchDecoder(model, tokenizer, stop_ids(tokenizer), max_concurrency)
         memo = ModelMemo.of(model)  # a quarter of the cache for image features, by content
         memo.images, memo.max_bytes = 1 << 20, cache_bytes // 4
         self.store = ConversationStore(cache_bytes - cache_bytes // 4)
