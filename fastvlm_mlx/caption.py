@@ -105,8 +105,8 @@ def _loader(paths: list[str], max_pixels: int, out: queue.Queue, stop: threading
             break
         try:
             out.put((path, load_image(path, max_pixels)))
-        except FastVLMError as e:
-            out.put((path, e))
+        except Exception as e:  # the image fails, the run goes on
+            out.put((path, e if isinstance(e, FastVLMError) else f"cannot read {path}: {e}"))
     out.put(None)
 
 
@@ -153,7 +153,7 @@ def run(model: Model, tokenizer, todo: list[str], out: Path, settings: Settings,
     try:
         finished = False
         while not finished:
-            batch: list[tuple[str, Image.Image | FastVLMError]] = []
+            batch: list[tuple[str, Image.Image | FastVLMError | str]] = []
             while len(batch) < settings.batch:
                 item = loaded.get()
                 if item is None:
@@ -204,6 +204,11 @@ def caption_all(model: Model, tokenizer, inputs: list[str], out: Path, settings:
     """One process, or one rank of `mlx.launch`: shard, skip what is done, caption,
     wait for the other ranks, merge. Counts of done, skipped and failed images."""
     paths = collect(inputs)
+    vision, context = model.args.vision_config, model.args.context_length
+    length = len(first_turn(tokenizer, DEFAULT_SYSTEM, settings.prompt)) - 1 + (settings.resolution // vision.stride) ** 2
+    if length >= context:
+        raise FastVLMError(f"the prompt and the image take {length} tokens but the model's context is {context}")
+    settings.max_tokens = min(settings.max_tokens, context - length)
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
     target = out if size == 1 else part_file(out, rank, size)

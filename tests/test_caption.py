@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -80,15 +82,35 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(folder, tmp_path):
     assert "0 done, 8 skipped" in again.stderr and out.read_text().count("\n") == 8
 
 
+def test_ctrl_c_stops_after_whole_lines_with_exit_130(folder, tmp_path):
+    for i in range(40):
+        shutil.copy(IMAGE, folder / f"copy{i:02}.png")
+    out = tmp_path / "captions.jsonl"
+    run = subprocess.Popen([sys.executable, "-m", "fastvlm_mlx", "caption", str(folder), "--out", str(out),
+                            "--model", str(CHECKPOINT), "--max-tokens", "6", "--batch", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # bounded: 60 s
+        if out.exists() and out.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err
+    written = out.read_text()
+    assert written.endswith("\n") and 2 <= written.count("\n") < 48
+    assert all(json.loads(line)["path"] for line in written.splitlines())
+
+
 def test_batch_sizes_give_the_same_captions(folder, tmp_path, tiny):
     model, tokenizer = tiny
     texts = {}
-    for batch in (1, 4):
+    for batch in (1, 4, 8):
         out = tmp_path / f"b{batch}.jsonl"
         counts = caption_all(model, tokenizer, [str(folder)], out, Settings(QUESTION, 6, 256, batch))
         assert counts == {"done": 7, "failed": 1, "skipped": 0}
         texts[batch] = lines(out)
-    assert without_timings(texts[1]) == without_timings(texts[4])
+    assert without_timings(texts[1]) == without_timings(texts[4]) == without_timings(texts[8])
     # The tower's batched pass is the single passes' (features to 1e-5).
     images = [load_image(p) for p in collect([str(folder)]) if not p.endswith("broken.png")][:4]
     pixels = mx.concatenate([preprocess(im, 256) for im in images])
@@ -112,6 +134,8 @@ def test_inputs_as_globs_and_lists(folder, tmp_path):
     (lambda d: (d / "dir.jsonl").mkdir(), ["photos", "--out", "dir.jsonl"], "is a directory"),
     (lambda d: None, ["photos", "--out", "missing/x.jsonl"], "does not exist"),
     (lambda d: None, ["photos", "--out", "x.jsonl", "--batch", "0"], "Invalid value for '--batch'"),
+    (lambda d: None, ["photos", "--out", "x.jsonl", "--resolution", "100"], "multiple of 64"),
+    (lambda d: None, ["photos", "--out", "x.jsonl", "--resolution", "4096"], "model's context is 4096"),
 ])
 def test_bad_input_is_one_error_line(folder, tmp_path, setup, args, message):
     setup(tmp_path)
