@@ -28,7 +28,7 @@ from .errors import FastVLMError
 from .fastvlm import Model
 from .generation import BatchDecoder, Stats, check_finite, make_answer_sampler, stop_ids
 from .processor import first_turn, load_image, preprocess
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, positions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -200,12 +200,12 @@ def merge(out: Path, paths: list[str], size: int) -> None:
         part.unlink(missing_ok=True)
 
 
-def caption_all(model: Model, tokenizer, inputs: list[str], out: Path, settings: Settings) -> dict:
-    """One process, or one rank of `mlx.launch`: shard, skip what is done, caption,
-    wait for the other ranks, merge. Counts of done, skipped and failed images."""
-    paths = collect(inputs)
+def caption_all(model: Model, tokenizer, paths: list[str], out: Path, settings: Settings) -> dict:
+    """One process, or one rank of `mlx.launch`: shard `paths` (collect's), skip what is
+    done, caption, wait for the other ranks, merge. Counts of done, skipped and failed."""
     vision, context = model.args.vision_config, model.args.context_length
-    length = len(first_turn(tokenizer, DEFAULT_SYSTEM, settings.prompt)) - 1 + (settings.resolution // vision.stride) ** 2
+    visual = (settings.resolution // vision.stride) ** 2
+    length = positions(first_turn(tokenizer, DEFAULT_SYSTEM, settings.prompt), visual)
     if length >= context:
         raise FastVLMError(f"the prompt and the image take {length} tokens but the model's context is {context}")
     settings.max_tokens = min(settings.max_tokens, context - length)

@@ -205,7 +205,8 @@ def caption(
             raise FastVLMError(f"--out {out} is a directory; give a file name such as captions.jsonl")
         if not out.parent.is_dir():
             raise FastVLMError(f"--out: the directory {out.parent} does not exist")
-        if not collect(inputs):
+        paths = collect(inputs)
+        if not paths:
             raise FastVLMError("no images found in " + ", ".join(inputs))
         keep_freed_buffers()
         vlm, tokenizer = load(model, parse_dtype(dtype))
@@ -213,7 +214,7 @@ def caption(
         side = vision.image_size if resolution is None else resolution
         vision.check_resolution(side)
         start = time.perf_counter()
-        counts = caption_all(vlm, tokenizer, inputs, out, Settings(prompt, max_tokens, side, batch, max_pixels))
+        counts = caption_all(vlm, tokenizer, paths, out, Settings(prompt, max_tokens, side, batch, max_pixels))
         took = time.perf_counter() - start
         rate = (counts["done"] + counts["failed"]) / took if took > 0 else 0.0
         print(f"caption: {counts['done']} done, {counts['skipped']} skipped (already in {out.name}), "

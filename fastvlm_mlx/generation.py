@@ -128,17 +128,22 @@ def stream_answer(model: Model, tokenizer, cache: PromptCache, prompt: list[int]
     for n, (token, logprobs) in enumerate(steps, 1):
         stats.generation_tokens = n
         stats.decode_s = time.perf_counter() - start - stats.prefill_s
-        done = token in stop_ids or n == max_tokens
-        if done or n % FINITE_CHECK_EVERY == 0:
-            check_finite(logprobs, f"the decoder's logits at answer token {n}")
-        if token in stop_ids:
-            yield GenerationResponse(text.flush(), token, logprobs, "stop", stats)
+        finish = "stop" if token in stop_ids else "length" if n == max_tokens else None
+        yield respond(text, token, logprobs, n, finish, stats)
+        if finish:
             return
-        piece = text.add(token)
-        if done:
-            yield GenerationResponse(piece + text.flush(), token, logprobs, "length", stats)
-            return
-        yield GenerationResponse(piece, token, logprobs, None, stats)
+
+
+def respond(text: TextStream, token: int, logprobs: mx.array, n: int, finish: str | None,
+            stats: Stats) -> GenerationResponse:
+    """The response for answer token `n` (finish: None, "stop" or "length"); a stop
+    token is not shown. Logits are checked at the first token, every few and the last."""
+    if finish or n == 1 or n % FINITE_CHECK_EVERY == 0:
+        check_finite(logprobs, f"the decoder's logits at answer token {n}")
+    if finish == "stop":
+        return GenerationResponse(text.flush(), token, logprobs, finish, stats)
+    piece = text.add(token)
+    return GenerationResponse(piece + text.flush() if finish else piece, token, logprobs, finish, stats)
 
 
 @dataclass
@@ -194,17 +199,10 @@ class BatchDecoder:
             if n == 1:
                 seq.stats.prefill_s = now
             seq.stats.generation_tokens, seq.stats.decode_s = n, now - seq.stats.prefill_s
-            if r.finish_reason or n == 1 or n % FINITE_CHECK_EVERY == 0:
-                check_finite(r.logprobs, f"the decoder's logits at answer token {n}")
-            if r.finish_reason:
-                stop = r.token in self.stop_ids
-                piece = seq.text.flush() if stop else seq.text.add(r.token) + seq.text.flush()
+            finish = r.finish_reason and ("stop" if r.token in self.stop_ids else "length")
+            if finish:
                 self._settle(r.uid, r.prompt_cache)
-                out.append((r.uid, GenerationResponse(piece, r.token, r.logprobs,
-                                                      "stop" if stop else "length", seq.stats)))
-            else:
-                out.append((r.uid, GenerationResponse(seq.text.add(r.token), r.token, r.logprobs, None,
-                                                      seq.stats)))
+            out.append((r.uid, respond(seq.text, r.token, r.logprobs, n, finish, seq.stats)))
         return out
 
     def cancel(self, uid: int) -> None:

@@ -49,6 +49,16 @@ def image_digest(image: Image.Image, resolution: int) -> str:
     return digest.hexdigest()
 
 
+def positions(ids: list[int], visual_tokens: int) -> int:
+    """Sequence length of `ids` once the image slot is expanded to its features."""
+    return len(ids) + (visual_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 class PromptCache:
     """The decoder's KV cache (mlx-lm's, one per layer) and the ids it holds.
 
@@ -65,19 +75,14 @@ class PromptCache:
 
     def positions(self, ids: list[int]) -> int:
         """Sequence length of `ids` once the image slot is expanded to its features."""
-        return len(ids) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in ids else 0)
+        return positions(ids, self.visual_tokens)
 
     def reuse(self, prompt: list[int]) -> int:
         """Trim to the longest prefix of `prompt` held (at least one token is left to
         prefill) and return its length in ids; an empty cache starts from the model's
         shared prefix."""
         self._seed(prompt)
-        keep = 0
-        for a, b in zip(self.ids, prompt):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)
+        keep = min(shared_prefix(self.ids, prompt), len(prompt) - 1)
         target = self.positions(prompt[:keep])
         for c in self.layers:
             c.trim(c.offset - target)

@@ -2,9 +2,10 @@
 
 The HTTP side parses, checks and streams; one worker thread owns the model and
 admits the queued requests in arrival order, prefilling each as `chat` does and
-decoding up to --max-concurrency of them together (generation.BatchDecoder). What it computes is kept: image
-features by content (the model's memo) and the KV of recent conversations,
-found again by the longest prefix a new request shares with them.
+decoding up to --max-concurrency of them together (generation.BatchDecoder).
+What it computes is kept: image features by content (the model's memo) and the
+KV of recent conversations, found again by the longest prefix a new request
+shares with them.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .defaults import DEFAULT_MAX_PIXELS, DEFAULT_SYSTEM
 from .errors import FastVLMError
-from .fastvlm import IMAGE_TOKEN_INDEX, Model
+from .fastvlm import Model
 from .generation import BatchDecoder, Stats, encode, make_answer_sampler, stop_ids
 from .processor import assistant_turn, first_turn, next_turn, open_image
-from .prompt_cache import ModelMemo, PromptCache, image_digest
+from .prompt_cache import ModelMemo, PromptCache, image_digest, positions, shared_prefix
 
 MAX_BODY_BYTES = 32 * 2**20  # a request, base64 images included
 MAX_IMAGE_BYTES = 20 * 2**20  # an image's file, however it arrives
@@ -168,7 +169,7 @@ def fetch_image(url: str, local_dir: Path | None, max_pixels: int) -> Image.Imag
         if not header.startswith("data:image/") or not header.endswith(";base64"):
             raise APIError(400, "image data URLs must be data:image/...;base64,...")
         if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-            raise APIError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB", "image_too_large")
+            raise _too_large()
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -183,6 +184,10 @@ def fetch_image(url: str, local_dir: Path | None, max_pixels: int) -> Image.Imag
         raise APIError(400, str(e), "invalid_image") from None
 
 
+def _too_large() -> APIError:
+    return APIError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB", "image_too_large")
+
+
 def _download(url: str) -> bytes:
     deadline = time.monotonic() + FETCH_TIMEOUT_S  # in all: a server may send slowly
     try:
@@ -193,7 +198,7 @@ def _download(url: str) -> bytes:
             for chunk in r.iter_bytes():
                 data += chunk
                 if len(data) > MAX_IMAGE_BYTES:
-                    raise APIError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB", "image_too_large")
+                    raise _too_large()
                 if time.monotonic() > deadline:
                     raise APIError(400, f"fetching the image took over {FETCH_TIMEOUT_S:.0f} s", "invalid_image_url")
             return bytes(data)
@@ -209,7 +214,7 @@ def _local(path: str, local_dir: Path | None) -> bytes:
     if not target.is_relative_to(local_dir) or not target.is_file():
         raise APIError(400, f"no image at {path} under the allowed directory", "invalid_image_url")
     if target.stat().st_size > MAX_IMAGE_BYTES:
-        raise APIError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB", "image_too_large")
+        raise _too_large()
     return target.read_bytes()
 
 
@@ -229,7 +234,7 @@ class ConversationStore:
         for entry, (key, cache) in self.entries.items():
             if key != image_key:
                 continue
-            n = next((i for i, (a, b) in enumerate(zip(cache.ids, prompt)) if a != b), min(len(cache.ids), len(prompt)))
+            n = shared_prefix(cache.ids, prompt)
             if n > best_len:
                 best, best_len = entry, n
         return None if best is None else self.entries.pop(best)[1]
@@ -395,7 +400,7 @@ class Engine:
             return
         r = job.request
         job.prompt = self.prompt_ids(job.conversation)
-        length = len(job.prompt) + (self.visual_tokens - 1 if IMAGE_TOKEN_INDEX in job.prompt else 0)
+        length = positions(job.prompt, self.visual_tokens)
         if length >= self.context:
             raise APIError(400, f"the prompt is {length} tokens but the model's context is {self.context}",
                            "context_length_exceeded")
@@ -531,14 +536,15 @@ def make_app(engine: Engine, api_key: str | None = None, local_images: Path | No
 
 
 async def _read_body(request: Request) -> dict:
+    too_large = APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
+        raise too_large  # without reading it
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
+            raise too_large
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -563,9 +569,12 @@ async def _next_event(job: Job, request: Request) -> tuple:
 
 async def _stream(job: Job, request: Request, event: tuple, meta: dict, include_usage: bool):
     """Server-sent events as OpenAI sends them, ending in data: [DONE]."""
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return sse({**meta, "object": "chat.completion.chunk", "choices": choices, **extra})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -573,12 +582,12 @@ async def _stream(job: Job, request: Request, event: tuple, meta: dict, include_
             yield chunk({"content": event[1]})
             event = await _next_event(job, request)
         if event[0] == "error":
-            yield f"data: {json.dumps(event[1].body())}\n\n"
+            yield sse(event[1].body())
         elif event[0] == "done":
             _, finish, usage, timings = event
             yield chunk({}, finish)
             if include_usage:
-                yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage, 'timings': timings})}\n\n"
+                yield chunk(None, usage=usage, timings=timings)
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client gone mid-stream stops the generation

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import CHECKPOINT, IMAGE, QUESTION, rel_err
 from fastvlm_mlx import generate
-from fastvlm_mlx.caption import Settings, caption_all, collect, read_done
+from fastvlm_mlx.caption import Settings, caption_all, collect
 from fastvlm_mlx.processor import load_image, preprocess
 
 ROOT = Path(__file__).parent.parent
@@ -107,7 +107,7 @@ def test_batch_sizes_give_the_same_captions(folder, tmp_path, tiny):
     texts = {}
     for batch in (1, 4, 8):
         out = tmp_path / f"b{batch}.jsonl"
-        counts = caption_all(model, tokenizer, [str(folder)], out, Settings(QUESTION, 6, 256, batch))
+        counts = caption_all(model, tokenizer, collect([str(folder)]), out, Settings(QUESTION, 6, 256, batch))
         assert counts == {"done": 7, "failed": 1, "skipped": 0}
         texts[batch] = lines(out)
     assert without_timings(texts[1]) == without_timings(texts[4]) == without_timings(texts[8])
