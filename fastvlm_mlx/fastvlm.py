@@ -135,6 +135,31 @@ class MLP(qwen2.MLP):
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear with its product from the kernels (on the CPU backend MLX's
+    own has no BLAS path: a 304-token prefill of the 0.5B decoder at 8 bits, 125 s)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose use as the tied head goes through the kernels."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
+
+def quantize(model: nn.Module, group_size: int, bits: int, predicate: Callable[[str, nn.Module], bool]) -> None:
+    """nn.quantize, each quantized layer then computing through the kernels."""
+    nn.quantize(model, group_size, bits, class_predicate=predicate)
+    ours = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+    for _, module in model.named_modules():
+        if type(module) in ours:
+            module.__class__ = ours[type(module)]  # same state, our __call__
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -148,8 +173,8 @@ class Model(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        """The weights' dtype (the projector is never quantized)."""
-        return self.mm_projector.linear_1.weight.dtype
+        """The weights' dtype (norms are never quantized; mlx-vlm's checkpoints quantize the projector)."""
+        return self.language_model.model.norm.weight.dtype
 
     def encode_image(self, pixels: mx.array) -> mx.array:
         """[1, H, W, 3] in [0, 1] -> projected image features [1, N, d]."""

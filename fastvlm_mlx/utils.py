@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from . import kernels
 from .defaults import DEFAULT_MODEL
 from .errors import FastVLMError
-from .fastvlm import COREML_EXPORT, Model, ModelArgs, flat_config
+from .fastvlm import COREML_EXPORT, Model, ModelArgs, flat_config, quantize
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
@@ -267,8 +267,8 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
                 or quantization.get("mode", "affine") != "affine"):
             raise FastVLMError(f"config.json: quantization {quantization!r} is not affine, bits 2-8, "
                                "group_size 32, 64 or 128")
-        nn.quantize(model, quantization["group_size"], quantization["bits"],
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+        quantize(model, quantization["group_size"], quantization["bits"],
+                 lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

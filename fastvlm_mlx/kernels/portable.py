@@ -41,6 +41,12 @@ def pointwise_ffn(x: mx.array, fc1: nn.Module, fc2: nn.Module) -> mx.array:
     return fc2(gelu(fc1(x)))
 
 
+def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
+                     group_size: int, bits: int) -> mx.array:
+    """x @ W.T for W stored in MLX's affine quantization (what nn.QuantizedLinear computes)."""
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v over [B, heads, N, d]."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
