@@ -132,9 +132,7 @@ def chat(
 
         from .generation import Chat
         from .processor import check_text, load_image
-        from .utils import keep_freed_buffers, load, parse_dtype, reference_blas_warning
-
-        keep_freed_buffers()
+        from .utils import load, parse_dtype, reference_blas_warning
 
         if prompt is not None:
             check_text(prompt)
@@ -198,7 +196,7 @@ def caption(
 
         from .caption import Settings, caption_all, collect
         from .processor import check_text
-        from .utils import keep_freed_buffers, load, parse_dtype
+        from .utils import load, parse_dtype
 
         check_text(prompt)
         if out.is_dir():
@@ -208,7 +206,6 @@ def caption(
         paths = collect(inputs)
         if not paths:
             raise FastVLMError("no images found in " + ", ".join(inputs))
-        keep_freed_buffers()
         vlm, tokenizer = load(model, parse_dtype(dtype))
         vision = vlm.args.vision_config
         side = vision.image_size if resolution is None else resolution
@@ -254,12 +251,11 @@ def serve(
             from .server import Engine, make_app
         except ImportError as e:
             raise FastVLMError(f"serve needs the serve extra: pip install 'fastvlm-mlx[serve]' ({e.name} is missing)") from None
-        from .utils import keep_freed_buffers, load, parse_dtype
+        from .utils import load, parse_dtype
 
         if allow_local_images is not None and not allow_local_images.is_dir():
             raise FastVLMError(f"--allow-local-images: {allow_local_images} is not a directory")
         _check_port(host, port)  # before minutes of loading
-        keep_freed_buffers()
         vlm, tokenizer = load(model, parse_dtype(dtype))
         engine = Engine(vlm, tokenizer, model, cache_mb * 2**20, resolution, max_concurrency)
         app_ = make_app(engine, api_key, allow_local_images, max_pixels)

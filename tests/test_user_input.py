@@ -157,3 +157,18 @@ def test_an_answer_that_begins_with_a_space_keeps_it(tiny, monkeypatch):
                         lambda *args: lambda logprobs: mx.argmax(logprobs + forced, axis=-1))
     text = "".join(r.text for r in chat.ask(QUESTION, max_tokens=3))
     assert text == tokenizer.decode([spaced] * 3) and text.startswith(" ")
+
+
+def test_load_keeps_freed_buffers_on_the_cpu_unless_told_not_to():
+    """The tower's 1.5x from MLX's buffer cache must not depend on the caller knowing of it."""
+    import os
+
+    previous = mx.set_cache_limit(12345)
+    try:
+        load(CHECKPOINT, keep_buffers=False)
+        assert mx.set_cache_limit(12345) == 12345  # left as the caller set it
+        load(CHECKPOINT)
+        quarter = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        assert mx.set_cache_limit(12345) == quarter
+    finally:
+        mx.set_cache_limit(previous)
