@@ -314,23 +314,29 @@ def _unpack_multiply(w: mx.array, xk: mx.array, bits: int) -> mx.array:
 
 def _dequantized_times(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
                        p: _Packing) -> mx.array:
-    """Many rows: W dequantized to float32 in bands of outputs, each band multiplied
-    through BLAS while the next is unpacked; the inputs are reordered to the codes'
-    order, so the unpacked band needs no transpose. Only one band is ever in float."""
+    """Many rows: W dequantized to float32 a block of outputs at a time (each block
+    unpacked in bands on every core) and multiplied through BLAS; the inputs are put
+    in the codes' order, so the unpacked block needs no transpose. Only one block is
+    in float32 at a time, so memory stays quantized."""
     xk = p.by_code(x).transpose(1, 0, 2, 3).reshape(x.shape[0], -1)
-    bands = range(0, p.outputs, _DEQUANT_ROWS)
-    parts = [xk @ _dequantize(weight[a : a + _DEQUANT_ROWS], scales[a : a + _DEQUANT_ROWS],
-                              biases[a : a + _DEQUANT_ROWS], p).T for a in bands]
-    return mx.concatenate(parts, axis=-1)
+
+    def block(a: int, b: int) -> mx.array:
+        rows = in_bands(lambda c, d: _dequantize(weight[a + c : a + d], scales[a + c : a + d],
+                                                 biases[a + c : a + d], p), b - a)
+        return mx.concatenate([xk @ w.T for w in rows], axis=-1)
+
+    step = max(1, _DEQUANT_BLOCK // p.inputs)
+    edges = list(range(0, p.outputs, step)) + [p.outputs]
+    return mx.concatenate([block(a, b) for a, b in zip(edges, edges[1:])], axis=-1)
 
 
-_DEQUANT_ROWS = 4096
+_DEQUANT_BLOCK = 1 << 24  # weights: 64 MB in float32 (the 0.5B decoder's largest matrix is 4.4 M)
 
 
-def _dequantize(weight, scales, biases, p: _Packing) -> mx.array:
+def _dequantize(weight: mx.array, scales: mx.array, biases: mx.array, p: _Packing) -> mx.array:
     """[O, I / pack] words -> float32 [O, I], columns in code order (k, group, word)."""
-    w = p.grouped(weight)[:, None]
-    shifts = mx.arange(0, 32, p.bits, dtype=mx.uint32).reshape(1, -1, 1, 1)
+    w = p.grouped(weight).view(mx.int32)[:, None]  # see _unpack_multiply (7.4 -> 4.3 ms for 4.4 M 8-bit codes)
+    shifts = mx.arange(0, 32, p.bits, dtype=mx.int32).reshape(1, -1, 1, 1)
     out = _scale_codes(w, shifts, (1 << p.bits) - 1, scales[:, None, :, None], biases[:, None, :, None])
     return out.reshape(weight.shape[0], -1)
 

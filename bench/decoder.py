@@ -1,0 +1,117 @@
+"""Prefill and decode of the decoder in float and quantized, against the memory bound.
+
+    python -m fastvlm_mlx.bench.decoder --random 0.5b --bits 0,8,4
+
+A decode step reads every weight of the decoder once (the tied head reads the
+whole embedding), so tokens/s can be no more than the machine's memory bandwidth
+divided by those bytes. The bandwidth is measured first, as a streaming copy
+(every byte read once and written once, on every core), and each decode is
+printed as a fraction of that bound. The variants run alternately in one process,
+round after round, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import numpy as np
+import typer
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from fastvlm_mlx import kernels
+from fastvlm_mlx.fastvlm import Model, quantize
+from fastvlm_mlx.generation import prefill
+from fastvlm_mlx.utils import keep_freed_buffers
+
+from .harness import DECODERS, random_config, random_model
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of the fastest streaming copy of `nbytes` (counted read and written), in
+    bands of rows on every core on the CPU backend, as one op elsewhere."""
+    a = mx.random.uniform(shape=(1, nbytes // 4 // 1024, 1024))
+    mx.eval(a)
+    on_cpu = kernels.selected() is kernels.cpu
+
+    def copy() -> list[mx.array]:
+        return kernels.cpu.in_bands(lambda r, s: -a[:, r:s], a.shape[1]) if on_cpu else [-a]
+
+    mx.eval(copy())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(copy())
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best
+
+
+def bytes_per_token(model: Model) -> int:
+    """What one decode step reads: every decoder weight, but the embedding only as the tied head."""
+    lm = model.language_model
+    total = sum(v.nbytes for _, v in tree_flatten(lm.parameters()))
+    if not lm.args.tie_word_embeddings:
+        total -= sum(v.nbytes for _, v in tree_flatten(lm.model.embed_tokens.parameters()))
+    return total
+
+
+def time_once(model: Model, ids: list[int], tokens: int) -> tuple[float, float]:
+    """Seconds of the prefill (to the first token) and decode tokens/s after it."""
+    cache = make_prompt_cache(model.language_model)
+    sampler = make_sampler(0.0)
+    start = time.perf_counter()
+    first = sampler(prefill(model, ids, None, cache))
+    mx.eval(first)
+    prefilled = time.perf_counter()
+    for _ in generate_step(first, model.language_model, max_tokens=tokens, sampler=sampler, prompt_cache=cache):
+        pass
+    mx.synchronize(generation_stream)
+    return prefilled - start, tokens / (time.perf_counter() - prefilled)
+
+
+def main(
+    random: str = typer.Option("0.5b", help=f"Random weights in these published shapes: {', '.join(DECODERS)}."),
+    bits: str = typer.Option("0,8,4", help="Comma-separated: 0 for the float weights, 4 or 8 for quantized."),
+    prompt_tokens: int = typer.Option(304, min=1, help="Positions prefilled (256 visual + 48 text at 1024 px)."),
+    tokens: int = typer.Option(32, min=1, help="Tokens decoded after the first."),
+    runs: int = typer.Option(3, min=1, help="Alternating rounds counted, after one warm-up round."),
+    group_size: int = typer.Option(64, help="Quantization group size."),
+) -> None:
+    keep_freed_buffers()
+    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    config = random_config(random)
+    variants = {}
+    for b in (int(b) for b in bits.split(",")):
+        model = random_model(config, dtype)
+        if b:
+            quantize(model.language_model, group_size, b, lambda _, m: hasattr(m, "to_quantized"))
+            mx.eval(model.parameters())
+        variants[f"{b}-bit" if b else str(dtype).split(".")[-1]] = model
+    bandwidth = copy_bandwidth()
+    ids = np.random.default_rng(0).integers(0, config["vocab_size"], prompt_tokens).tolist()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for round_ in range(runs + 1):
+        for name, model in variants.items():
+            sample = time_once(model, ids, tokens)
+            if round_:
+                samples[name].append(sample)
+    print(f"decoder: random {random} weights, {mx.default_device()}, {prompt_tokens}-position prefill, "
+          f"{tokens} tokens decoded; medians of {runs} alternating rounds")
+    print(f"memory bound: streaming copy {bandwidth / 1e9:.1f} GB/s (read + written)")
+    print(f"{'weights':>9}{'read/token':>12}{'prefill ms':>12}{'x first':>9}{'decode tok/s':>14}"
+          f"{'x first':>9}{'GB/s':>7}{'bound tok/s':>13}{'of bound':>10}")
+    first = None
+    for name, model in variants.items():
+        prefill_s = float(np.median([s[0] for s in samples[name]]))
+        tps = float(np.median([s[1] for s in samples[name]]))
+        first = first or (prefill_s, tps)
+        read = bytes_per_token(model)
+        print(f"{name:>9}{read / 1e9:>10.2f}GB{prefill_s * 1e3:>12.0f}{prefill_s / first[0]:>9.2f}{tps:>14.2f}"
+              f"{tps / first[1]:>9.2f}{tps * read / 1e9:>7.1f}{bandwidth / read:>13.2f}{tps * read / bandwidth:>10.0%}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
