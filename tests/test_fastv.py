@@ -104,7 +104,7 @@ def test_fast_path_matches_the_slow_reference(deep, spec):
         logits, keep = slow_logits(model, ids + tokens[:step], chat.features, fastv, keep)
         slow = logits[0] - mx.logsumexp(logits[0])
         assert rel_err(response.logprobs, slow) <= 1e-4, step
-        assert tokens[step] == int(mx.argmax(slow).item())
+        assert tokens[step] == int(mx.argmax(slow[: len(tokenizer)]).item())  # padded ids are never sampled
     assert responses[0].stats.visual_kept == fastv.kept(16)
 
 

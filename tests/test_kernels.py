@@ -94,3 +94,16 @@ def test_quantized_matmul_matches_mlx(bits, group_size, rows):
     half = [a.astype(mx.bfloat16).astype(mx.float32) for a in (scales, biases)]
     want = x @ mx.dequantize(q, *half, group_size, bits).T
     assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+
+
+@pytest.mark.parametrize("length,cached", [(300, 0), (7, 20), (1, 30)])
+@pytest.mark.parametrize("mask", ["causal", None])
+def test_decoder_attention_matches_mlx_lm(length, cached, mask):
+    """Grouped-query attention (14 heads on 2 key heads, as the 0.5B decoder), causal or
+    not, over a prompt alone and after a cached prefix (queries at the end)."""
+    q = mx.random.normal((1, 14, length, 64), key=mx.random.key(1)) * 3
+    k, v = (mx.random.normal((1, 2, cached + length, 64), key=mx.random.key(i)) for i in (2, 3))
+    want = portable.decoder_attention(q, k, v, 64**-0.5, mask, None)
+    got = cpu.decoder_attention(q, k, v, 64**-0.5, mask, None)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import activations
+from mlx_lm.models.base import scaled_dot_product_attention
 
 swiglu = activations.swiglu  # silu(gate) * up for the decoder's MLP, exactly as mlx-lm computes it
 
@@ -45,6 +46,11 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx
                      group_size: int, bits: int) -> mx.array:
     """x @ W.T for W stored in MLX's affine quantization (what nn.QuantizedLinear computes)."""
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def decoder_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
+    """The decoder's attention, as mlx-lm's Qwen2 computes it (quantized KV caches included)."""
+    return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
