@@ -207,10 +207,12 @@ class Model(nn.Module):
     def embed(self, input_ids: list[int], image_features: mx.array | None) -> mx.array:
         """Embed the prompt and splice the image features into its image slot."""
         embed_tokens = self.language_model.model.embed_tokens
+        dtype = kernels.compute_dtype(self.dtype)
 
         def embed_text(ids: list[int]) -> mx.array:
-            h = embed_tokens(mx.array(ids, dtype=mx.int32)[None])
-            return h.astype(kernels.compute_dtype(h.dtype))
+            if not ids:  # a quantized embedding cannot look up nothing
+                return mx.zeros((1, 0, self.args.text_config.hidden_size), dtype)
+            return embed_tokens(mx.array(ids, dtype=mx.int32)[None]).astype(dtype)
 
         slots = [i for i, t in enumerate(input_ids) if t == IMAGE_TOKEN_INDEX]
         if not slots:
@@ -218,8 +220,7 @@ class Model(nn.Module):
         if len(slots) > 1 or image_features is None:
             raise ValueError("a prompt takes exactly one image slot and its image")
         s = slots[0]
-        before, after = embed_text(input_ids[:s]), embed_text(input_ids[s + 1 :])
-        parts = [before, image_features.astype(before.dtype), after]
+        parts = [embed_text(input_ids[:s]), image_features.astype(dtype), embed_text(input_ids[s + 1 :])]
         return mx.concatenate(parts, axis=1)
 
     def lm_head(self, h: mx.array) -> mx.array:

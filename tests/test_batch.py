@@ -14,7 +14,22 @@ QUESTIONS = [QUESTION, "What colour?", "Count the things you see, one by one.", 
 
 
 def test_batched_answers_are_the_single_answers(tiny):
-    model, tokenizer = tiny
+    check_batched_equals_alone(*tiny)
+
+
+def test_quantized_batched_answers_are_the_single_answers(tmp_path):
+    """The same with a 4-bit decoder: a batch of four goes through the CPU's
+    codes-in-place product, one prompt's prefill through the dequantizing one."""
+    from test_layouts import mlx_community
+
+    from fastvlm_mlx import load
+
+    model, tokenizer = load(mlx_community(tmp_path / "ckpt", bits=4))
+    assert model.language_model.model.layers[0].mlp.up_proj.bits == 4
+    check_batched_equals_alone(model, tokenizer)
+
+
+def check_batched_equals_alone(model, tokenizer) -> None:
     alone = []
     for q in QUESTIONS:
         chat = Chat(model, tokenizer, IMAGE)
