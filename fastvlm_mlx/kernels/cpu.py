@@ -261,7 +261,9 @@ def _silu_times(g: mx.array, e: mx.array, u: mx.array) -> mx.array:
 # MLX's CPU quantized matmul has no BLAS path: it multiplies row by row on one
 # thread (0.5B decoder at 8 bits, 304-token prefill: 125 s against 2 s in float32).
 # Here a product with few rows (decoding) multiplies the packed codes in place, and
-# a larger one dequantizes the weights to float32 a band at a time into BLAS.
+# a larger one dequantizes the weights to float32 a block at a time into BLAS. The
+# first costs per row, the second per matrix: on 4864x896 at 8 bits, 4 rows take
+# 3.7 ms against 6.5 ms, 8 rows 10.3 ms against 6.9 ms.
 DECODE_ROWS = 4
 
 
@@ -323,10 +325,10 @@ _BANDED_WEIGHTS = 1 << 21
 
 @mx.compile
 def _unpack_multiply(w: mx.array, xk: mx.array, bits: int) -> mx.array:
-    """Each code of the words w [O, groups, words] times its input xk[k] [N, groups,
-    words], summed over the codes of a word: [N, O, groups, words]. The words are read as int32 (the mask drops the sign's
-    bits), which converts to float32 in one instruction; the sum over codes is a
-    tree, which keeps the kernel shallow enough to stay one."""
+    """Each code of the words w [O, groups, words] times its input xk[k] [N, groups, words],
+    summed over the codes of a word: [N, O, groups, words]. The words are read as int32
+    (the mask drops the sign's bits), which converts to float32 in one instruction; the
+    sum over codes is a tree, which keeps the kernel shallow enough to stay one."""
     mask = (1 << bits) - 1
     terms = [((w >> (bits * k)) & mask).astype(mx.float32) * xk[k][:, None] for k in range(xk.shape[0])]
     while len(terms) > 1:
@@ -364,5 +366,6 @@ def _dequantize(weight: mx.array, scales: mx.array, biases: mx.array, p: _Packin
 
 
 @mx.compile
-def _scale_codes(w, shifts, mask, scales, biases):
+def _scale_codes(w: mx.array, shifts: mx.array, mask: int, scales: mx.array, biases: mx.array) -> mx.array:
+    """scale * code + bias for each code of each word, codes on a new axis 1."""
     return ((w >> shifts) & mask).astype(mx.float32) * scales + biases
