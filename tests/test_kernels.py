@@ -38,11 +38,12 @@ def test_attention_matches_sdpa_on_peaked_scores():
 def test_depthwise_shift_add_matches_conv2d(in_ch, out_ch, kernel, stride):
     weight = mx.random.normal((out_ch, kernel, kernel, 1), key=mx.random.key(1))
     bias = mx.random.normal((out_ch,), key=mx.random.key(2))
-    x = mx.random.normal((1, 37, 29, in_ch))
+    x = mx.random.normal((1, 37, 29, in_ch), key=mx.random.key(3))
     want = mx.conv2d(x, weight, stride, kernel // 2, groups=in_ch) + bias
     got = depthwise_conv(x, weight, bias, stride)
     assert got.shape == want.shape
-    assert mx.abs(got - want).max().item() < 1e-5
+    # float32 rounding of a 49-term sum in another order: at most 3.8e-7 over 30 inputs
+    assert mx.abs(got - want).max().item() < 1e-6 * mx.abs(want).max().item()
 
 
 def test_gelu_matches_erf_form():
