@@ -193,7 +193,7 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.arr
 
 def decoder_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
     """The decoder's attention over [B, heads, L, d] queries and [B, kv heads, S, d] keys
-    and values: a causal prefill on the kernel above (MLX's CPU SDPA spends a third of a
+    and values: a causal prefill on the kernel above (MLX's CPU SDPA took a quarter of a
     304-token prefill there), the rest (one-token steps, explicit masks, quantized
     caches) as mlx-lm computes it."""
     length, keys = q.shape[2], k.shape[2]
