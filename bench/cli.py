@@ -92,7 +92,7 @@ def bench(
     from fastvlm_mlx.fastv import FastV
     from fastvlm_mlx.utils import keep_freed_buffers, parse_dtype
 
-    from .flops import matmul_peak
+    from .flops import copy_bandwidth, decode_bytes, matmul_peak
     from .harness import check_request, dtype_name, environment, model_info, prompt_ids
     from .report import Report, plot, render, write_json
 
@@ -108,6 +108,7 @@ def bench(
         sweep = sweep or [vlm.args.vision_config.image_size]
         check_request(vlm, sweep, ids, max_tokens)
         gflops, n = matmul_peak(mx_dtype)
+        memory = {"copy_bytes_per_s": copy_bandwidth(), "decode_bytes": decode_bytes(vlm)}
         report = Report(
             environment=environment(mx_dtype),
             model=model_info(vlm, source, load_s),
@@ -115,6 +116,7 @@ def bench(
                       "max_tokens": max_tokens, "runs": runs, "warmup": warmup,
                       "fastv": fastv},
             peak={"gflops": gflops, "size": n, "dtype": dtype_name(mx_dtype)},
+            memory=memory,
             results=[],
         )
         if report.blas_warning():

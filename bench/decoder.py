@@ -24,40 +24,12 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from fastvlm_mlx import kernels
 from fastvlm_mlx.fastvlm import Model, quantize
 from fastvlm_mlx.generation import prefill
 from fastvlm_mlx.utils import keep_freed_buffers
 
+from .flops import copy_bandwidth, decode_bytes
 from .harness import DECODERS, random_config, random_model
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of the fastest streaming copy of `nbytes` (counted read and written), in
-    bands of rows on every core on the CPU backend, as one op elsewhere."""
-    a = mx.random.uniform(shape=(1, nbytes // 4 // 1024, 1024))
-    mx.eval(a)
-    on_cpu = kernels.selected() is kernels.cpu
-
-    def copy() -> list[mx.array]:
-        return kernels.cpu.in_bands(lambda r, s: -a[:, r:s], a.shape[1]) if on_cpu else [-a]
-
-    mx.eval(copy())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(copy())
-        best = min(best, time.perf_counter() - start)
-    return 2 * a.nbytes / best
-
-
-def bytes_per_token(model: Model) -> int:
-    """What one decode step reads: every decoder weight, but the embedding only as the tied head."""
-    lm = model.language_model
-    total = sum(v.nbytes for _, v in tree_flatten(lm.parameters()))
-    if not lm.args.tie_word_embeddings:
-        total -= sum(v.nbytes for _, v in tree_flatten(lm.model.embed_tokens.parameters()))
-    return total
 
 
 def head_rate(model: Model, repeats: int = 5) -> float:
@@ -125,7 +97,7 @@ def main(
         prefill_s = float(np.median([s[0] for s in samples[name]]))
         tps = float(np.median([s[1] for s in samples[name]]))
         first = first or (prefill_s, tps)
-        read, rate = bytes_per_token(model), head_rate(model)
+        read, rate = decode_bytes(model), head_rate(model)
         print(f"{name:>9}{read / 1e9:>10.2f}GB{prefill_s * 1e3:>12.0f}{prefill_s / first[0]:>9.2f}{tps:>14.2f}"
               f"{tps / first[1]:>9.2f}{tps * read / 1e9:>7.1f}{bandwidth / read:>13.2f}{tps * read / bandwidth:>10.0%}"
               f"{rate / 1e9:>10.1f}{rate / read:>9.2f}{tps * read / rate:>10.0%}")

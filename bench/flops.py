@@ -1,4 +1,5 @@
-"""The cost model: analytic FLOPs per stage and a measured matmul peak.
+"""The cost model: analytic FLOPs per stage and a measured matmul peak; the bytes a
+decode step reads and a measured memory bandwidth.
 
 Convention: 2 FLOPs per multiply-add, counted for convolutions, linear layers
 and the attention matmuls (Q.K^T and A.V); biases, norms, activations,
@@ -15,9 +16,12 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models import qwen2
 
+from fastvlm_mlx import kernels
 from fastvlm_mlx.fastvithd import MHSA, FastViTHD, SEBlock, VisionConfig
+from fastvlm_mlx.fastvlm import Model
 
 CONVENTION = (
     "2 FLOPs per multiply-add, for convolutions, linear layers and the attention matmuls; "
@@ -123,3 +127,31 @@ def matmul_peak(dtype: mx.Dtype, budget_s: float = 0.25) -> tuple[float, int]:
         mx.eval(a @ b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9, n
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of the fastest streaming copy of `nbytes` (counted read and written), in
+    bands of rows on every core on the CPU backend, as one op elsewhere."""
+    a = mx.random.uniform(shape=(1, nbytes // 4 // 1024, 1024))
+    mx.eval(a)
+    on_cpu = kernels.selected() is kernels.cpu
+
+    def copy() -> list[mx.array]:
+        return kernels.cpu.in_bands(lambda r, s: -a[:, r:s], a.shape[1]) if on_cpu else [-a]
+
+    mx.eval(copy())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(copy())
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best
+
+
+def decode_bytes(model: Model) -> int:
+    """What one decode step reads: every decoder weight, but the embedding only as the tied head."""
+    lm = model.language_model
+    total = sum(v.nbytes for _, v in tree_flatten(lm.parameters()))
+    if not lm.args.tie_word_embeddings:
+        total -= sum(v.nbytes for _, v in tree_flatten(lm.model.embed_tokens.parameters()))
+    return total

@@ -24,6 +24,7 @@ class Report:
     model: dict
     settings: dict
     peak: dict  # the matmul peak: gflops, size, dtype
+    memory: dict  # the memory bound: copy_bytes_per_s (a streaming copy), decode_bytes (read a step)
     results: list[Result]
     complete: bool = True
 
@@ -34,9 +35,16 @@ class Report:
             "model": self.model,
             "settings": self.settings,
             "matmul_peak": self.peak,
+            "memory_bound": self.memory,
             "flop_convention": CONVENTION,
-            "results": [r.to_dict(self.peak["gflops"]) for r in self.results],
+            "results": [{**r.to_dict(self.peak["gflops"]), "decode_memory": self.decode_memory(r)}
+                        for r in self.results],
         }
+
+    def decode_memory(self, result: Result) -> dict[str, float]:
+        """Bytes/s a decode step reads at the median tokens/s, and that as a fraction of the copy bound."""
+        rate = result.summary()["decode_tps"]["median"] * self.memory["decode_bytes"]
+        return {"bytes_per_s": rate, "fraction_of_bound": rate / self.memory["copy_bytes_per_s"]}
 
     def blas_warning(self) -> str | None:
         blas = self.environment["blas"]
@@ -68,7 +76,9 @@ def render(report: Report, console: Console) -> None:
     )
     console.print(
         f"weights {_bytes(model['weights_bytes'])} in memory ({env['dtype']}), loaded in {model['load_s']:.2f} s; "
-        f"matmul peak {peak['gflops']:,.0f} GFLOP/s ({peak['size']}x{peak['size']} {peak['dtype']})"
+        f"matmul peak {peak['gflops']:,.0f} GFLOP/s ({peak['size']}x{peak['size']} {peak['dtype']}); "
+        f"memory bound {report.memory['copy_bytes_per_s'] / 1e9:.1f} GB/s (streaming copy, read + written), "
+        f"a decode step reads {_bytes(report.memory['decode_bytes'])}"
     )
     if report.blas_warning():
         console.print(f"[yellow]warning: {report.blas_warning()}[/yellow]")
@@ -84,10 +94,11 @@ def render(report: Report, console: Console) -> None:
                  "decode\ntok/s", "peak\nmemory"):
         latency.add_column(name, justify="right", no_wrap=True)
     roofline = Table(box=box.SIMPLE_HEAD, title=(
-        f"Achieved GFLOP/s at the median (% of the {peak['gflops']:,.0f} GFLOP/s matmul peak)"
+        f"Achieved GFLOP/s at the median (% of the {peak['gflops']:,.0f} GFLOP/s matmul peak); "
+        f"decode's GB/s of weights read (% of the memory bound)"
     ))
     for name in ("px", "vision\nGFLOP", "vision\nGFLOP/s", "projector\nGFLOP/s",
-                 "prefill\nGFLOP", "prefill\nGFLOP/s", "TTFT\nGFLOP/s", "decode\nGFLOP/s"):
+                 "prefill\nGFLOP", "prefill\nGFLOP/s", "TTFT\nGFLOP/s", "decode\nGFLOP/s", "decode\nGB/s"):
         roofline.add_column(name, justify="right", no_wrap=True)
     for r in report.results:
         summary = r.summary()
@@ -104,6 +115,8 @@ def render(report: Report, console: Console) -> None:
             str(r.resolution), f"{r.flops['vision'] / 1e9:.1f}", cell["vision"],
             cell["projector"], f"{r.flops['prefill'] / 1e9:.1f}", cell["prefill"],
             cell["ttft"], cell["decode"],
+            "{:.1f} ({:.0%})".format(report.decode_memory(r)["bytes_per_s"] / 1e9,
+                                     report.decode_memory(r)["fraction_of_bound"]),
         )
     console.print(latency)
     console.print(roofline)

@@ -150,7 +150,7 @@ def test_json_has_every_field(tmp_path):
     data = json.loads(out.read_text())
     assert data["complete"] is True
     assert set(data) == {"complete", "environment", "model", "settings", "matmul_peak",
-                         "flop_convention", "results"}
+                         "memory_bound", "flop_convention", "results"}
     assert {"device", "mlx", "mlx_lm", "blas", "dtype", "platform"} <= set(data["environment"])
     assert data["environment"]["dtype"] == "float32"
     assert set(data["model"]) == {"source", "vision", "decoder", "parameters", "weights_bytes", "load_s"}
@@ -158,6 +158,12 @@ def test_json_has_every_field(tmp_path):
     assert data["settings"] == {"resolutions": [64, 128], "prompt_tokens": 48, "max_tokens": 3,
                                 "runs": 2, "warmup": 1, "fastv": None}
     assert set(data["matmul_peak"]) == {"gflops", "size", "dtype"}
+    bound = data["memory_bound"]
+    decoder = data["model"]["decoder"]
+    embedding = 0 if decoder["tie_word_embeddings"] else decoder["vocab_size"] * decoder["hidden_size"]
+    # float32; an untied embedding is only looked up, not read whole
+    assert bound["copy_bytes_per_s"] > 1e8
+    assert bound["decode_bytes"] == 4 * (data["model"]["parameters"]["decoder"] - embedding)
     assert [res["resolution"] for res in data["results"]] == [64, 128]  # one row each
     for res in data["results"]:
         assert res["visual_tokens"] == (res["resolution"] // 64) ** 2
@@ -170,6 +176,9 @@ def test_json_has_every_field(tmp_path):
         assert set(res["flops"]) == set(res["achieved"]) == stages
         assert all(set(v) == {"gflops", "fraction_of_peak"} for v in res["achieved"].values())
         assert res["peak_memory_bytes"] > 0
+        memory = res["decode_memory"]
+        assert memory["bytes_per_s"] == pytest.approx(res["summary"]["decode_tps"]["median"] * bound["decode_bytes"])
+        assert memory["fraction_of_bound"] == pytest.approx(memory["bytes_per_s"] / bound["copy_bytes_per_s"])
     table = r.stdout.splitlines()
     assert sum(line.split()[:1] == [str(px)] for line in table for px in (64, 128)) == 4  # 2 tables
 
