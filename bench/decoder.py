@@ -8,8 +8,9 @@ divided by those bytes. The bandwidth is measured first, as a streaming copy
 (every byte read once and written once, on every core), and each decode is
 printed as a fraction of that bound. A second bound is the product itself: the
 LM head (the largest matrix) times one row, as decode computes it, read at its
-own bytes/s; decode can go no faster than that rate over all weights. The variants run alternately in one process,
-round after round, so the ratios compare like with like.
+own bytes/s; decode can go no faster than that rate over all weights. The
+variants run alternately in one process, round after round, so the ratios
+compare like with like.
 """
 
 from __future__ import annotations

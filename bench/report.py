@@ -103,6 +103,7 @@ def render(report: Report, console: Console) -> None:
     for r in report.results:
         summary = r.summary()
         achieved = r.achieved(peak["gflops"])
+        memory = report.decode_memory(r)
         ttft = summary["ttft_s"]
         latency.add_row(
             str(r.resolution), str(r.visual_tokens), str(r.prefill_tokens),
@@ -114,9 +115,7 @@ def render(report: Report, console: Console) -> None:
         roofline.add_row(
             str(r.resolution), f"{r.flops['vision'] / 1e9:.1f}", cell["vision"],
             cell["projector"], f"{r.flops['prefill'] / 1e9:.1f}", cell["prefill"],
-            cell["ttft"], cell["decode"],
-            "{:.1f} ({:.0%})".format(report.decode_memory(r)["bytes_per_s"] / 1e9,
-                                     report.decode_memory(r)["fraction_of_bound"]),
+            cell["ttft"], cell["decode"], f"{memory['bytes_per_s'] / 1e9:.1f} ({memory['fraction_of_bound']:.0%})",
         )
     console.print(latency)
     console.print(roofline)
