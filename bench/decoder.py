@@ -29,7 +29,7 @@ from fastvlm_mlx.fastvlm import Model, quantize
 from fastvlm_mlx.generation import prefill
 from fastvlm_mlx.utils import keep_freed_buffers
 
-from .flops import copy_bandwidth, decode_bytes
+from .flops import copy_bandwidth, decode_bytes, fastest
 from .harness import DECODERS, random_config, random_model
 
 
@@ -38,13 +38,7 @@ def head_rate(model: Model, repeats: int = 5) -> float:
     lm = model.language_model
     head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
     h = mx.random.normal((1, 1, lm.args.hidden_size))
-    mx.eval(model.lm_head(h))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(model.lm_head(h))
-        best = min(best, time.perf_counter() - start)
-    return sum(v.nbytes for _, v in tree_flatten(head.parameters())) / best
+    return sum(v.nbytes for _, v in tree_flatten(head.parameters())) / fastest(lambda: model.lm_head(h), repeats)
 
 
 def time_once(model: Model, ids: list[int], tokens: int) -> tuple[float, float]:

@@ -139,13 +139,18 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     def copy() -> list[mx.array]:
         return kernels.cpu.in_bands(lambda r, s: -a[:, r:s], a.shape[1]) if on_cpu else [-a]
 
-    mx.eval(copy())
+    return 2 * a.nbytes / fastest(copy, repeats)
+
+
+def fastest(work, repeats: int = 5) -> float:
+    """Seconds of the fastest of `repeats` evaluations of work(), after one uncounted."""
+    mx.eval(work())
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        mx.eval(copy())
+        mx.eval(work())
         best = min(best, time.perf_counter() - start)
-    return 2 * a.nbytes / best
+    return best
 
 
 def decode_bytes(model: Model) -> int:
