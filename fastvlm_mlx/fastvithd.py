@@ -81,6 +81,13 @@ class Conv2d(nn.Module):
         return kernels.conv2d(x, self.weight, self.bias, self.stride, self.groups)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with its product from the kernels (on the CPU, in bands of positions)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.linear(x, self["weight"], self.get("bias"))
+
+
 class SEBlock(nn.Module):
     """Squeeze-Excite: global mean, 1x1 reduce to C/16, ReLU, 1x1 expand, sigmoid gate."""
 
@@ -186,8 +193,8 @@ class MHSA(nn.Module):
         super().__init__()
         self.num_heads = dims // head_dim
         self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dims, dims * 3, bias=False)
-        self.proj = nn.Linear(dims, dims)
+        self.qkv = Linear(dims, dims * 3, bias=False)
+        self.proj = Linear(dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape

@@ -15,7 +15,7 @@ from mlx_lm.models import qwen2
 
 from .errors import FastVLMError
 from . import kernels
-from .fastvithd import FastViTHD, PatchEmbed, RepCPE, VisionConfig
+from .fastvithd import FastViTHD, Linear, PatchEmbed, RepCPE, VisionConfig
 
 IMAGE_TOKEN_INDEX = -200  # the reference's marker for the image slot in input ids
 MODEL_TYPES = ("llava_qwen2", "fastvlm", "fast_vlm")
@@ -121,18 +121,25 @@ class Projector(nn.Module):
 
     def __init__(self, in_dims: int, dims: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dims, dims)
-        self.linear_2 = nn.Linear(dims, dims)
+        self.linear_1 = Linear(in_dims, dims)
+        self.linear_2 = Linear(dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
 class MLP(qwen2.MLP):
-    """Qwen2's MLP, down(silu(gate) * up), with silu(gate) * up from the kernels."""
+    """Qwen2's MLP, down(silu(gate) * up), from the kernels."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return kernels.mlp(x, self)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose use as the tied head goes through the kernels."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return kernels.linear(x, self["weight"])
 
 
 class Attention(qwen2.Attention):
@@ -186,6 +193,10 @@ class Model(nn.Module):
         for layer in self.language_model.layers:
             layer.self_attn = Attention(text)
             layer.mlp = MLP(text.hidden_size, text.intermediate_size)
+        ours = {nn.Linear: Linear, nn.Embedding: Embedding}  # mlx-lm's layers, our products
+        for _, module in self.language_model.named_modules():
+            if type(module) in ours:
+                module.__class__ = ours[type(module)]
 
     @property
     def dtype(self) -> mx.Dtype:

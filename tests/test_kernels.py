@@ -1,6 +1,7 @@
 """The CPU tower's hand-written kernels against MLX's own ops, at sizes and value
 ranges the fixture's tiny tower does not reach."""
 
+import ctypes
 import math
 
 import mlx.core as mx
@@ -58,7 +59,7 @@ def test_gelu_matches_erf_form():
     assert np.all(np.abs(got - np.maximum(big, 0)) <= 1e-6 * np.abs(big))
 
 
-def test_decoder_mlp_silu_matches_mlx_lm():
+def test_decoder_mlp_silu_matches_mlx_lm(banded):
     from mlx_lm.models import qwen2
 
     from fastvlm_mlx.fastvlm import MLP
@@ -68,15 +69,64 @@ def test_decoder_mlp_silu_matches_mlx_lm():
     want = gs * 0.5 * (1 + np.tanh(gs / 2))  # silu, without overflow
     got = np.asarray(swiglu(g, mx.ones_like(g)), dtype=np.float64)
     assert np.all(np.abs(got - want) <= 1e-6 * np.maximum(np.abs(want), 1e-2))
-    mlp = MLP(64, 256)
-    x = mx.random.normal((1, 7, 64), key=mx.random.key(3)) * 4
-    want = qwen2.MLP.__call__(mlp, x)  # mlx-lm's own swiglu
-    assert mx.abs(mlp(x) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+    mlp = MLP(128, 512)  # large enough to run in bands
+    for length in (1, 7, 40):  # decode, a short turn, a prefill in bands of positions
+        x = mx.random.normal((1, length, 128), key=mx.random.key(3)) * 4
+        want = qwen2.MLP.__call__(mlp, x)  # mlx-lm's own swiglu
+        assert mx.abs(cpu.mlp(x, mlp) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+
+
+@pytest.fixture(params=[True, False], ids=["blas-in-bands", "blas-threads"])
+def banded(request, monkeypatch):
+    """Both ways the CPU kernels run matmuls: in bands, one per stream (a BLAS that runs a
+    call on one thread), or one call each (any other BLAS)."""
+    monkeypatch.setattr(cpu, "blas_in_bands", lambda: request.param)
+    return request.param
+
+
+def test_blas_runs_a_call_on_one_thread_where_matmuls_run_in_bands():
+    from fastvlm_mlx.utils import blas_library
+
+    blas = blas_library()
+    if blas["reference"]:  # the mlx wheel's own: always one thread
+        assert cpu.blas_in_bands()
+    elif blas["name"] == "OpenBLAS":
+        assert cpu.blas_in_bands()
+        assert ctypes.CDLL(blas["path"]).openblas_get_num_threads() == 1
+    else:
+        assert not cpu.blas_in_bands()
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 96), (2, 3, 96), (1, 96), (1, 5, 96)])  # prefill, batched decode, head, short
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_matmul(banded, shape, bias):
+    outputs = cpu._BANDED_WEIGHTS_BLAS // 96 + 37  # large enough to be split by outputs
+    w = mx.random.normal((outputs, 96), key=mx.random.key(1))
+    b = mx.random.normal((outputs,), key=mx.random.key(2)) if bias else None
+    x = mx.random.normal(shape, key=mx.random.key(3))
+    want = x @ w.T + (b if bias else 0)
+    got = cpu.linear(x, w, b)
+    assert got.shape == want.shape == (*shape[:-1], outputs)
+    assert mx.abs(got - want).max().item() <= 1e-6 * mx.abs(want).max().item()
+    small = cpu.linear(x, w[:40], b[:40] if bias else None)  # too small to split
+    assert mx.abs(small - want[..., :40]).max().item() <= 1e-6 * mx.abs(want).max().item()
+
+
+def test_pointwise_ffn_matches_the_portable_one(banded):
+    from fastvlm_mlx.fastvithd import ConvFFN
+
+    ffn = ConvFFN(128, 512)  # a fc1 large enough to run in bands
+    ffn.fc1.bias = mx.random.normal((512,), key=mx.random.key(4))
+    ffn.fc2.bias = mx.random.normal((128,), key=mx.random.key(6))
+    x = mx.random.normal((1, 20, 12, 128), key=mx.random.key(5))
+    want = portable.pointwise_ffn(x, ffn.fc1, ffn.fc2)
+    got = cpu.pointwise_ffn(x, ffn.fc1, ffn.fc2)
+    assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 64), (4, 128), (6, 32), (8, 32), (8, 64)])
 @pytest.mark.parametrize("rows", [(1, 1), (3,), (2, 2), (1, 40)])  # decode, batched decode, prefill
-def test_quantized_matmul_matches_mlx(bits, group_size, rows):
+def test_quantized_matmul_matches_mlx(banded, bits, group_size, rows):
     """Both CPU paths (codes multiplied in place, dequantized into BLAS) against the
     product with MLX's own dequantized matrix, on one large enough to be split into bands."""
     outputs = 2 * cpu._BANDED_WEIGHTS // 512 + 40

@@ -5,11 +5,13 @@ x86-64 and runs it on one thread; a kernel's loop is vectorized only if no op in
 it branches (mx.maximum, mx.minimum and mx.clip test for NaN), every input steps
 by 1 along the innermost axis, and its output does not overwrite an input. Each
 kernel here is written to meet that, and the elementwise work runs in bands of
-rows, one per core, each on a stream of its own.
+rows, one per core, each on a stream of its own; so do the matmuls where a BLAS
+call runs on one thread (blas_in_bands).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -110,11 +112,65 @@ def joined(parts: list[mx.array]) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
+@functools.cache
+def blas_in_bands() -> bool:
+    """Whether matmuls run in bands too, one per stream: only where each BLAS call runs
+    on its caller's thread alone, else every band's call would spread over every core.
+
+    The mlx wheel's reference BLAS always does, so banding gives its matmuls every
+    core (an MLP of the 0.5B decoder over 372 positions: 2648 -> 1336 ms on 2 cores).
+    OpenBLAS is set to one thread per call here, for the whole process: its bands on
+    streams then beat its own threads (the same MLP: 40.5 -> 37.5 ms), whose idle
+    spinning (sched_yield) took 12% of a prefill's CPU time from the elementwise bands.
+    Any other BLAS keeps its threads and one unbanded call per matmul.
+    """
+    from ..utils import blas_library  # utils imports the kernels
+
+    blas = blas_library()
+    if blas is None or blas["path"] is None:
+        return False
+    if blas["reference"]:
+        return True
+    setter = getattr(ctypes.CDLL(blas["path"]), "openblas_set_num_threads", None)
+    if blas["name"] != "OpenBLAS" or setter is None:
+        return False
+    setter(1)
+    return True
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T + bias, in bands where blas_in_bands(): of positions (axis 1) for a
+    prefill, of outputs for a decode step on a large matrix, else in one call."""
+    if not _banded_product(weight):
+        return portable.linear(x, weight, bias)
+    if x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS:
+        return joined(in_bands(lambda a, b: portable.linear(x[:, a:b], weight, bias), x.shape[1]))
+    parts = in_bands(lambda a, b: portable.linear(x, weight[a:b], None if bias is None else bias[a:b]),
+                     weight.shape[0])
+    return mx.concatenate(parts, axis=-1)
+
+
+def _banded_product(weight: mx.array) -> bool:
+    """Whether products with this matrix run in bands: not for a small one, whose
+    product costs less than a band's synchronization."""
+    return weight.size >= _BANDED_WEIGHTS_BLAS and blas_in_bands()
+
+
+_BANDED_WEIGHTS_BLAS = 1 << 16  # decoding the 0.5B decoder with 2 M (q, k, v, o unbanded): 1.04x slower
+
+
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array, stride: int, groups: int) -> mx.array:
     """Depthwise convs as shifted windows (below); the others as on every backend."""
     if groups > 1 and groups == x.shape[-1]:
         return depthwise_conv(x, weight, bias, stride)
+    if _is_pointwise(weight, stride, groups) and _banded_product(weight):
+        return joined(in_bands(lambda a, b: portable.pointwise(x[:, a:b], weight, bias), x.shape[1]))
     return portable.conv2d(x, weight, bias, stride, groups)
+
+
+def _is_pointwise(weight: mx.array, stride: int, groups: int) -> bool:
+    """A 1x1 conv: one matmul over all pixels."""
+    return weight.shape[1] == 1 and groups == 1 and stride == 1
 
 
 def depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
@@ -164,11 +220,16 @@ def _multiply_add(out: mx.array, windows: list[mx.array], taps: list[mx.array]) 
 
 
 def pointwise_ffn(x: mx.array, fc1: nn.Module, fc2: nn.Module) -> mx.array:
-    """fc2(GELU(fc1(x))) for 1x1 convs: fc1's bias, the GELU and fc2 run on each band,
-    so the 4x-wide hidden map is never copied (tower: 6.16 s -> 5.84 s)."""
+    """fc2(GELU(fc1(x))) for 1x1 convs: fc1's bias, the GELU and fc2 run on each band
+    of rows, so the 4x-wide hidden map is never copied (tower: 6.16 s -> 5.84 s); the
+    matmuls too where blas_in_bands()."""
+    def ffn(h: mx.array) -> mx.array:
+        return portable.pointwise(_gelu_rational(h, fc1.bias), fc2.weight, fc2.bias)
+
+    if _banded_product(fc1.weight):
+        return joined(in_bands(lambda a, b: ffn(portable.pointwise(x[:, a:b], fc1.weight)), x.shape[1]))
     h = portable.pointwise(x, fc1.weight)
-    hidden = in_bands(lambda a, b: _gelu_rational(h[:, a:b], fc1.bias), h.shape[1])
-    return joined([fc2(g) for g in hidden])
+    return joined(in_bands(lambda a, b: ffn(h[:, a:b]), h.shape[1]))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -247,6 +308,22 @@ def _exp2_parts(x: mx.array, shift: mx.array | float) -> tuple[mx.array, mx.arra
         (c[3] * f + c[2]) * f2 + (c[1] * f + c[0]))
     # r below the int32 range converts to INT_MIN (x86 and ARM alike), then clamps
     return fraction, mx.left_shift(mx.maximum(r.astype(mx.int32), -127) + 127, 23)
+
+
+def mlp(x: mx.array, layer: nn.Module) -> mx.array:
+    """down(silu(gate(x)) * up(x)) for the decoder's MLP; where blas_in_bands(), a
+    prefill runs all of it on each band of positions, with no join in between."""
+    gate, up, down = layer.gate_proj, layer.up_proj, layer.down_proj
+    quantized = any("scales" in m for m in (gate, up, down))
+    if quantized or not (x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS and _banded_product(gate.weight)):
+        return down(swiglu(gate(x), up(x)))
+
+    def band(a: int, b: int) -> mx.array:
+        xb = x[:, a:b]
+        h = _swiglu(portable.linear(xb, gate.weight, gate.get("bias")), portable.linear(xb, up.weight, up.get("bias")))
+        return portable.linear(h, down.weight, down.get("bias"))
+
+    return joined(in_bands(band, x.shape[1]))
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -365,11 +442,15 @@ def _dequantized_times(x: mx.array, weight: mx.array, scales: mx.array, biases: 
     in the codes' order, so the unpacked block needs no transpose. Only one block is
     in float32 at a time, so memory stays quantized."""
     xk = p.by_code(x).transpose(1, 0, 2, 3).reshape(x.shape[0], -1)
+    banded = blas_in_bands()  # the products too, each on its band's stream
 
     def block(a: int, b: int) -> mx.array:
-        rows = in_bands(lambda c, d: _dequantize(weight[a + c : a + d], scales[a + c : a + d],
-                                                 biases[a + c : a + d], p), b - a)
-        return mx.concatenate([xk @ w.T for w in rows], axis=-1)
+        def band(c: int, d: int) -> mx.array:
+            w = _dequantize(weight[a + c : a + d], scales[a + c : a + d], biases[a + c : a + d], p)
+            return xk @ w.T if banded else w
+
+        rows = in_bands(band, b - a)
+        return mx.concatenate(rows if banded else [xk @ w.T for w in rows], axis=-1)
 
     step = max(1, _DEQUANT_BLOCK // p.inputs)
     edges = list(range(0, p.outputs, step)) + [p.outputs]

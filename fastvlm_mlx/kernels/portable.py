@@ -27,6 +27,16 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array, stride: int, groups: i
     return mx.conv2d(x, weight, stride, weight.shape[1] // 2, groups=groups) + bias
 
 
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T + bias, as nn.Linear computes it."""
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
+def mlp(x: mx.array, layer: nn.Module) -> mx.array:
+    """The decoder's MLP, down(silu(gate(x)) * up(x)), as mlx-lm computes it."""
+    return layer.down_proj(swiglu(layer.gate_proj(x), layer.up_proj(x)))
+
+
 def pointwise(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """A 1x1 conv as one matmul over all pixels (on the CPU backend mx.conv2d's 1x1
     path is 1.2-1.7x slower than the same product through BLAS); without `bias`
