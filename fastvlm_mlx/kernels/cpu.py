@@ -11,11 +11,12 @@ call runs on one thread (blas_in_bands).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -118,24 +119,48 @@ def blas_in_bands() -> bool:
     on its caller's thread alone, else every band's call would spread over every core.
 
     The mlx wheel's reference BLAS always does, so banding gives its matmuls every
-    core (an MLP of the 0.5B decoder over 372 positions: 2648 -> 1336 ms on 2 cores).
+    core (a 340-token prefill of the 0.5B decoder: 115 s -> 39 s on 2 cores).
     OpenBLAS is set to one thread per call here, for the whole process: its bands on
-    streams then beat its own threads (the same MLP: 40.5 -> 37.5 ms), whose idle
-    spinning (sched_yield) took 12% of a prefill's CPU time from the elementwise bands.
-    Any other BLAS keeps its threads and one unbanded call per matmul.
+    streams then beat its own threads (1024 px tower: 0.81x in separate processes),
+    whose idle spinning (sched_yield) took 12% of a prefill's CPU time from the
+    elementwise bands. Any other BLAS keeps its threads and one call per matmul.
     """
     from ..utils import blas_library  # utils imports the kernels
 
     blas = blas_library()
-    if blas is None or blas["path"] is None:
-        return False
-    if blas["reference"]:
+    if blas is not None and blas["reference"]:
         return True
-    setter = getattr(ctypes.CDLL(blas["path"]), "openblas_set_num_threads", None)
-    if blas["name"] != "OpenBLAS" or setter is None:
+    setter = _openblas_threads()
+    if setter is None:
         return False
     setter(1)
     return True
+
+
+@functools.cache
+def _openblas_threads() -> Callable[[int], None] | None:
+    """openblas_set_num_threads of the OpenBLAS MLX's matmuls reach, if they reach one."""
+    from ..utils import blas_library
+
+    blas = blas_library()
+    if blas is None or blas["name"] != "OpenBLAS":
+        return None
+    return getattr(ctypes.CDLL(blas["path"]), "openblas_set_num_threads", None)
+
+
+@contextlib.contextmanager
+def blas_threads(count: int) -> Iterator[None]:
+    """OpenBLAS at `count` threads a call inside, one again after: for other MLX code in
+    this process that calls it once a matmul (bench.compare's turns for mlx-vlm)."""
+    setter = _openblas_threads() if blas_in_bands() else None
+    if setter is None:
+        yield
+        return
+    setter(count)
+    try:
+        yield
+    finally:
+        setter(1)
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
