@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -229,7 +228,7 @@ def run(ours: Model, theirs: nn.Module, resolutions: list[int],
         result = None
         for i in range(warmup + runs):
             a, features = time_ours(ours, pixels, ids)
-            with cpu.blas_threads(os.cpu_count() or 1):  # its own threads, as in a process of its own
+            with cpu.blas_threads():  # its own BLAS threads, as in a process of its own
                 b, their_features = time_theirs(theirs, pixel_values, ids)
             if result is None:  # the same model in both tools, or the timings mean nothing
                 x, y = features.astype(mx.float32), their_features.astype(mx.float32)

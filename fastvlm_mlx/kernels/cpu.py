@@ -130,37 +130,40 @@ def blas_in_bands() -> bool:
     blas = blas_library()
     if blas is not None and blas["reference"]:
         return True
-    setter = _openblas_threads()
-    if setter is None:
+    openblas = _openblas(blas)
+    if openblas is None:
         return False
-    setter(1)
+    _openblas_own_threads.append(openblas.openblas_get_num_threads())
+    openblas.openblas_set_num_threads(1)
     return True
 
 
-@functools.cache
-def _openblas_threads() -> Callable[[int], None] | None:
-    """openblas_set_num_threads of the OpenBLAS MLX's matmuls reach, if they reach one."""
-    from ..utils import blas_library
-
-    blas = blas_library()
+def _openblas(blas: dict | None) -> ctypes.CDLL | None:
+    """The OpenBLAS MLX's matmuls reach, if they reach one that can be set."""
     if blas is None or blas["name"] != "OpenBLAS":
         return None
-    return getattr(ctypes.CDLL(blas["path"]), "openblas_set_num_threads", None)
+    lib = ctypes.CDLL(blas["path"])
+    return lib if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads") else None
+
+
+_openblas_own_threads: list[int] = []  # what OpenBLAS chose for itself, before blas_in_bands set 1
 
 
 @contextlib.contextmanager
-def blas_threads(count: int) -> Iterator[None]:
-    """OpenBLAS at `count` threads a call inside, one again after: for other MLX code in
+def blas_threads() -> Iterator[None]:
+    """OpenBLAS with its own thread count inside, one again after: for other MLX code in
     this process that calls it once a matmul (bench.compare's turns for mlx-vlm)."""
-    setter = _openblas_threads() if blas_in_bands() else None
-    if setter is None:
+    if not (blas_in_bands() and _openblas_own_threads):
         yield
         return
-    setter(count)
+    from ..utils import blas_library
+
+    openblas = _openblas(blas_library())
+    openblas.openblas_set_num_threads(_openblas_own_threads[0])
     try:
         yield
     finally:
-        setter(1)
+        openblas.openblas_set_num_threads(1)
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
