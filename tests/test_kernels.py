@@ -59,12 +59,16 @@ def test_gelu_matches_erf_form():
     assert np.all(np.abs(got - np.maximum(big, 0)) <= 1e-6 * np.abs(big))
 
 
-@pytest.fixture(params=[True, False], ids=["blas-in-bands", "blas-threads"])
+@pytest.fixture(params=["bands", "small-products", "threads"],
+                ids=["blas-in-bands", "blas-small-products", "blas-threads"])
 def banded(request, monkeypatch):
-    """Both ways the CPU kernels run matmuls: in bands, one per stream (a BLAS that runs a
-    call on one thread), or one call each (any other BLAS)."""
-    monkeypatch.setattr(cpu, "blas_in_bands", lambda: request.param)
-    return request.param
+    """Every way the CPU kernels run matmuls: in bands, one per stream (a BLAS that runs a
+    call on one thread), those bands of a decode step cut into small products too
+    (OpenBLAS's small-matrix kernel), or one call each (any other BLAS)."""
+    monkeypatch.setattr(cpu, "blas_in_bands", lambda: request.param != "threads")
+    monkeypatch.setattr(cpu, "small_products", lambda: request.param == "small-products")
+    monkeypatch.setattr(cpu, "_SMALL_PRODUCT", 5000)  # test matrices cut into many, the last one short
+    return request.param != "threads"
 
 
 def test_decoder_mlp_silu_matches_mlx_lm(banded):
@@ -88,8 +92,8 @@ def test_blas_runs_a_call_on_one_thread_where_matmuls_run_in_bands():
     from fastvlm_mlx.utils import blas_library
 
     blas = blas_library()
-    if blas["reference"]:  # the mlx wheel's own: always one thread
-        assert cpu.blas_in_bands()
+    if blas["reference"]:  # the mlx wheel's own: always one thread, no small-matrix kernel
+        assert cpu.blas_in_bands() and not cpu.small_products()
     elif blas["name"] == "OpenBLAS":
         assert cpu.blas_in_bands()
         threads = ctypes.CDLL(blas["path"]).openblas_get_num_threads
@@ -98,7 +102,7 @@ def test_blas_runs_a_call_on_one_thread_where_matmuls_run_in_bands():
             assert threads() == cpu._openblas_own_threads[0] >= 1
         assert threads() == 1
     else:
-        assert not cpu.blas_in_bands()
+        assert not cpu.blas_in_bands() and not cpu.small_products()
 
 
 @pytest.mark.parametrize("shape", [(1, 40, 96), (2, 3, 96), (1, 96), (1, 5, 96)])  # prefill, batched decode, head, short

@@ -125,9 +125,7 @@ def blas_in_bands() -> bool:
     whose idle spinning (sched_yield) took 12% of a prefill's CPU time from the
     elementwise bands. Any other BLAS keeps its threads and one call per matmul.
     """
-    from ..utils import blas_library  # utils imports the kernels
-
-    blas = blas_library()
+    blas = _blas()
     if blas is not None and blas["reference"]:
         return True
     openblas = _openblas(blas)
@@ -138,12 +136,38 @@ def blas_in_bands() -> bool:
     return True
 
 
+def _blas() -> dict | None:
+    """utils.blas_library(), imported late: utils imports the kernels."""
+    from ..utils import blas_library
+
+    return blas_library()
+
+
 def _openblas(blas: dict | None) -> ctypes.CDLL | None:
     """The OpenBLAS MLX's matmuls reach, if they reach one that can be set."""
     if blas is None or blas["name"] != "OpenBLAS":
         return None
     lib = ctypes.CDLL(blas["path"])
     return lib if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads") else None
+
+
+@functools.cache
+def small_products() -> bool:
+    """Whether the BLAS multiplies a product of at most _SMALL_PRODUCT multiply-adds
+    without packing the matrix: OpenBLAS's small-matrix kernel, on the cores it has
+    one for. MLX calls sgemm even for one row, and OpenBLAS 0.3.21's packing sgemm
+    reads a matrix at 6.8 GB/s a core against 16.3 GB/s for the small kernel, so
+    decoding cuts its products to that size (0.5B decoder: 5.5 -> 9.0 tokens/s on
+    2 cores). Its Haswell kernels have none: there the cut products were slower."""
+    openblas = _openblas(_blas())
+    if openblas is None or not blas_in_bands() or not hasattr(openblas, "openblas_get_corename"):
+        return False
+    openblas.openblas_get_corename.restype = ctypes.c_char_p
+    return openblas.openblas_get_corename().decode().lower() in _SMALL_KERNEL_CORES
+
+
+_SMALL_PRODUCT = 1_000_000  # M * N * K, OpenBLAS's limit for sgemm_small_kernel (100^3)
+_SMALL_KERNEL_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 
 
 _openblas_own_threads: list[int] = []  # what OpenBLAS chose for itself, before blas_in_bands set 1
@@ -156,9 +180,7 @@ def blas_threads() -> Iterator[None]:
     if not (blas_in_bands() and _openblas_own_threads):
         yield
         return
-    from ..utils import blas_library
-
-    openblas = _openblas(blas_library())
+    openblas = _openblas(_blas())
     openblas.openblas_set_num_threads(_openblas_own_threads[0])
     try:
         yield
@@ -168,14 +190,24 @@ def blas_threads() -> Iterator[None]:
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """x @ weight.T + bias, in bands where blas_in_bands(): of positions (axis 1) for a
-    prefill, of outputs for a decode step on a large matrix, else in one call."""
+    prefill, of outputs for a decode step on a large matrix, else in one call. A
+    decode step's band is cut into products small enough for OpenBLAS's small-matrix
+    kernel where it has one (see small_products)."""
     if not _banded_product(weight):
         return portable.linear(x, weight, bias)
     if x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS:
         return joined(in_bands(lambda a, b: portable.linear(x[:, a:b], weight, bias), x.shape[1]))
-    parts = in_bands(lambda a, b: portable.linear(x, weight[a:b], None if bias is None else bias[a:b]),
-                     weight.shape[0])
-    return mx.concatenate(parts, axis=-1)
+    rows = x.size // x.shape[-1]
+    step = weight.shape[0]
+    if rows <= DECODE_ROWS and small_products():
+        step = max(1, _SMALL_PRODUCT // (rows * weight.shape[1]))
+
+    def band(a: int, b: int) -> mx.array:
+        edges = [*range(a, b, step), b]
+        pieces = [portable.linear(x, weight[c:d], None if bias is None else bias[c:d]) for c, d in zip(edges, edges[1:])]
+        return mx.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+    return mx.concatenate(in_bands(band, weight.shape[0]), axis=-1)
 
 
 def _banded_product(weight: mx.array) -> bool:
