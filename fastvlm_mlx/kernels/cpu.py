@@ -157,7 +157,7 @@ def small_products() -> bool:
     without packing the matrix: OpenBLAS's small-matrix kernel, on the cores it has
     one for. MLX calls sgemm even for one row, and OpenBLAS 0.3.21's packing sgemm
     reads a matrix at 6.8 GB/s a core against 16.3 GB/s for the small kernel, so
-    decoding cuts its products to that size (0.5B decoder: 5.5 -> 9.0 tokens/s on
+    decoding cuts its products to that size (0.5B decoder: 5.4 -> 8.9 tokens/s on
     2 cores). Its Haswell kernels have none: there the cut products were slower."""
     openblas = _openblas(_blas())
     if openblas is None or not blas_in_bands() or not hasattr(openblas, "openblas_get_corename"):
@@ -199,7 +199,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
         return joined(in_bands(lambda a, b: portable.linear(x[:, a:b], weight, bias), x.shape[1]))
     rows = x.size // x.shape[-1]
     step = weight.shape[0]
-    if rows <= DECODE_ROWS and small_products():
+    if rows <= DECODE_ROWS and weight.dtype == mx.float32 and small_products():  # sgemm's kernel
         step = max(1, _SMALL_PRODUCT // (rows * weight.shape[1]))
 
     def band(a: int, b: int) -> mx.array:
