@@ -105,7 +105,7 @@ def test_blas_runs_a_call_on_one_thread_where_matmuls_run_in_bands():
         assert not cpu.blas_in_bands() and not cpu.small_products()
 
 
-@pytest.mark.parametrize("shape", [(1, 40, 96), (2, 3, 96), (1, 96), (1, 5, 96)])  # prefill, batched decode, head, short
+@pytest.mark.parametrize("shape", [(1, 40, 96), (2, 3, 96), (3, 1, 96), (1, 96), (1, 5, 96)])  # prefill, batched turns, batched decode, head, short
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_matmul(banded, shape, bias):
     outputs = cpu._BANDED_WEIGHTS_BLAS // 96 + 37  # large enough to be split by outputs

@@ -160,7 +160,7 @@ def small_products() -> bool:
     decoding cuts its products to that size (0.5B decoder: 5.4 -> 8.9 tokens/s on
     2 cores). Its Haswell kernels have none: there the cut products were slower."""
     openblas = _openblas(_blas())
-    if openblas is None or not blas_in_bands() or not hasattr(openblas, "openblas_get_corename"):
+    if openblas is None or not hasattr(openblas, "openblas_get_corename"):
         return False
     openblas.openblas_get_corename.restype = ctypes.c_char_p
     return openblas.openblas_get_corename().decode().lower() in _SMALL_KERNEL_CORES
