@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections import Counter
 
 import mlx.core as mx
 import numpy as np
@@ -14,11 +15,12 @@ from typer.testing import CliRunner
 from conftest import CHECKPOINT
 from fastvlm_mlx.bench import cli as bench_cli
 from fastvlm_mlx.bench import harness
+from fastvlm_mlx.bench import tower as tower_bench
 from fastvlm_mlx.bench.flops import decoder_flops, matmul_peak, projector_flops, vision_flops
 from fastvlm_mlx.bench.harness import (SAMPLES, STAGES, measure,
                                        prompt_ids, random_config, random_model, time_run)
 from fastvlm_mlx.errors import FastVLMError
-from fastvlm_mlx.fastvithd import VisionConfig
+from fastvlm_mlx.fastvithd import MHSA, Conv2d, ConvFFN, VisionConfig
 from fastvlm_mlx.fastvlm import IMAGE_TOKEN_INDEX, Model, ModelArgs
 from fastvlm_mlx.utils import blas_library
 from fastvlm_mlx.utils import load_tokenizer
@@ -75,6 +77,26 @@ def test_random_tower_keeps_activations_alive():
         for block in stage if isinstance(stage, list) else [stage]:
             x = block(x)
         assert mx.isfinite(x).all() and mx.abs(x).mean().item() > 1e-6
+
+
+def test_tower_breakdown_counts_each_layer_and_flop_once():
+    """bench.tower: every conv, ConvFFN and attention call timed under its kind, nested
+    ones not twice, FLOPs adding up to the whole tower's, and the model left as it was."""
+    model = random_model(TINY_CONFIG, mx.float32)
+    tower, config = model.vision_tower, model.args.vision_config
+    before = {cls: cls.__call__ for cls in tower_bench.KINDS}
+    _, timed, kinds = tower_bench.breakdown(tower, 128, runs=1)
+    run = kinds[0]
+    assert sum(k.flops for k in run.values()) == vision_flops(config, 128)
+    ffns = [m for _, m in tower.named_modules() if isinstance(m, ConvFFN)]
+    convs = [m for _, m in tower.named_modules() if isinstance(m, Conv2d)]
+    called = [c for c in convs if not any(c is f.fc1 or c is f.fc2 for f in ffns)]  # those run as a matmul
+    expected = Counter(tower_bench.conv_kind(c) for c in called)
+    expected["ConvFFN 1x1 convs + GELU"] = len(ffns)
+    expected["attention (MHSA)"] = sum(isinstance(m, MHSA) for _, m in tower.named_modules())
+    assert {name: k.calls for name, k in run.items()} == +expected
+    assert all(k.seconds > 0 for k in run.values()) and sum(k.seconds for k in run.values()) < timed[0]
+    assert {cls: cls.__call__ for cls in tower_bench.KINDS} == before
 
 
 def test_sweep_on_a_tiny_random_model(tiny):
