@@ -7,7 +7,9 @@ its own: evaluation is forced before and after each call, and a call's time and
 FLOPs leave out those of the timed layers inside it. Each kind's FLOPs (flops.py's
 convention) over the matmul peak give the least time it could take at that peak;
 the FLOPs of the whole tower over the peak are the tower's floor. What is left of
-the timed run (GELUs outside the ConvFFNs, residual adds, norms) is "rest".
+the timed run (GELUs outside the ConvFFNs, residual adds, norms) is "rest". The CPU
+kernels run a ConvFFN's two 1x1 convs and its GELU fused, band by band, so they are
+timed as one; on the portable path its 1x1 convs count as 1x1 convs.
 """
 
 from __future__ import annotations
