@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 import typer
 
+from fastvlm_mlx.errors import exit_codes
 from fastvlm_mlx.fastvithd import MHSA, Conv2d, ConvFFN, FastViTHD, VisionConfig
 from fastvlm_mlx.utils import keep_freed_buffers
 
@@ -40,7 +41,8 @@ class Kind:
 
 
 def conv_kind(conv: Conv2d) -> str:
-    out_ch, k, _, in_per_group = conv.weight.shape
+    """Depthwise, 1x1 or dense, with the kernel size: the kernels compute each differently."""
+    _, k, _, in_per_group = conv.weight.shape
     if conv.groups > 1 and in_per_group == 1:
         return f"depthwise conv {k}x{k}"
     return "1x1 conv" if k == 1 else f"dense conv {k}x{k}"
@@ -113,7 +115,8 @@ def main(
 ) -> None:
     keep_freed_buffers()
     config = VisionConfig()
-    config.check_resolution(resolution)
+    with exit_codes():
+        config.check_resolution(resolution)
     model = random_model(random_config("0.5b"), mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
     dtype = model.vision_tower.patch_embed[0].reparam_conv.weight.dtype
     peak, size = matmul_peak(dtype)
