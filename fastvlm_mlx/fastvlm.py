@@ -143,14 +143,12 @@ class Embedding(nn.Embedding):
 
 
 class Attention(qwen2.Attention):
-    """Qwen2's attention, with the attention itself from the kernels."""
+    """Qwen2's attention, its inputs (projections and rotary embedding) and the attention
+    itself from the kernels."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, length, _ = x.shape
-        q, k, v = (proj(x).reshape(b, length, heads, -1).transpose(0, 2, 1, 3) for proj, heads in
-                   ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads), (self.v_proj, self.n_kv_heads)))
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k, v = kernels.attention_inputs(x, self, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = kernels.decoder_attention(q, k, v, self.scale, mask, cache)

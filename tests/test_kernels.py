@@ -155,11 +155,50 @@ def test_quantized_matmul_matches_mlx(banded, bits, group_size, rows):
     assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
 
-@pytest.mark.parametrize("length,cached", [(300, 0), (7, 20), (1, 30)])
+def _rotary_reference(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+    """Rotate-half RoPE over [L, heads, d], the angles in float32 as transformers' Qwen2
+    computes them (the reference), everything else in float64."""
+    d = x.shape[-1]
+    inverse = 1.0 / np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    angles = (positions.astype(np.float32)[:, None] * inverse.astype(np.float32)).astype(np.float64)[:, None]
+    first, second = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([first * np.cos(angles) - second * np.sin(angles),
+                           second * np.cos(angles) + first * np.sin(angles)], axis=-1)
+
+
+@pytest.mark.parametrize("length,offset", [(40, 0), (300, 60), (7, 3), (1, 90)])  # prefills, a short turn, decode
+def test_attention_inputs_match_the_reference_rotation(banded, length, offset):
+    from mlx_lm.models import qwen2
+
+    from fastvlm_mlx.fastvlm import Attention
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=256, num_hidden_layers=1, intermediate_size=512,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=64,
+                           rope_theta=1e6)
+    attn = Attention(args)
+    mx.eval(attn.parameters())
+    x = mx.random.normal((1, length, 256), key=mx.random.key(4))
+    got = cpu.attention_inputs(x, attn, offset)
+    positions = np.arange(offset, offset + length)
+    xs = np.asarray(x, dtype=np.float64)[0]
+    for out, proj, heads, rotated in zip(got, (attn.q_proj, attn.k_proj, attn.v_proj), (4, 2, 2), (True, True, False)):
+        y = xs @ np.asarray(proj.weight, dtype=np.float64).T + np.asarray(proj.bias, dtype=np.float64)
+        y = y.reshape(length, heads, 64)
+        want = (_rotary_reference(y, positions, 1e6) if rotated else y).transpose(1, 0, 2)[None]
+        assert out.shape == want.shape
+        if banded and length > 7:  # the table's rotation; else mx.fast.rope's, checked below
+            assert np.abs(np.asarray(out) - want).max() <= 2e-6 * np.abs(want).max()
+    # and as mlx-lm computes them (mx.fast.rope, whose float32 angles differ a little)
+    for mine, theirs in zip(got, portable.attention_inputs(x, attn, offset)):
+        assert mx.abs(mine - theirs).max().item() <= 2e-5 * mx.abs(theirs).max().item()
+
+
+@pytest.mark.parametrize("length,cached", [(300, 0), (200, 50), (7, 20), (1, 30)])
 @pytest.mark.parametrize("mask", ["causal", None])
 def test_decoder_attention_matches_mlx_lm(length, cached, mask):
     """Grouped-query attention (14 heads on 2 key heads, as the 0.5B decoder), causal or
-    not, over a prompt alone and after a cached prefix (queries at the end)."""
+    not, over a prompt alone and after a cached prefix (queries at the end); 200 and 300
+    positions run in chunks of queries."""
     q = mx.random.normal((1, 14, length, 64), key=mx.random.key(1)) * 3
     k, v = (mx.random.normal((1, 2, cached + length, 64), key=mx.random.key(i)) for i in (2, 3))
     want = portable.decoder_attention(q, k, v, 64**-0.5, mask, None)

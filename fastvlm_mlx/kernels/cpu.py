@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import portable
 
@@ -311,31 +312,99 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.arr
     return (e.swapaxes(-1, -2) @ v) / e.sum(axis=-2)[..., None]
 
 
+def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v [B, heads, L, d] of the decoder's attention, q and k rotated. A prefill
+    computes all three projections and the rotation on each band of positions, the
+    rotation from a table of cosines and sines made once a prefill: mx.fast.rope
+    evaluates them for every head again, at a third of the speed of the table."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    rope, (b, length, _) = attn.rope, x.shape
+    if not (type(rope) is nn.RoPE and not rope.traditional and isinstance(offset, int)
+            and length >= _BANDED_POSITIONS and rope.dims == attn.q_proj.weight.shape[0] // attn.n_heads
+            and not any("scales" in p for p in projections) and _banded_product(attn.q_proj.weight)):
+        return portable.attention_inputs(x, attn, offset)
+    cos, sin = _rotary_table(offset, length, rope.dims, rope.base, rope.scale)
+
+    def band(a: int, c: int) -> list[mx.array]:
+        q, k, v = (portable.linear(x[:, a:c], p.weight, p.get("bias")).reshape(b, c - a, heads, -1)
+                   for p, heads in zip(projections, (attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)))
+        return [_rotated(q, cos[a:c], sin[a:c]), _rotated(k, cos[a:c], sin[a:c]), v]
+
+    parts = in_bands(band, length)
+    return tuple(joined([part[i] for part in parts]).transpose(0, 2, 1, 3) for i in range(3))
+
+
+@functools.lru_cache(maxsize=1)
+def _rotary_table(offset: int, length: int, dims: int, base: float, scale: float) -> tuple[mx.array, mx.array]:
+    """cos and sin [length, 1, dims / 2] of positions offset... times base^(-2i / dims), the
+    angles in float32 as the reference computes them (Qwen2 in transformers), each cosine
+    and sine then exact; built once a prefill, not in each of its layers."""
+    inverse = (1.0 / np.float32(base) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims))).astype(np.float32)
+    positions = (np.arange(offset, offset + length, dtype=np.float32) * np.float32(scale))[:, None]
+    angles = (positions * inverse).astype(np.float64)[:, None]
+    cos, sin = mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+    mx.eval(cos, sin)  # shared by later calls, on any stream or thread
+    return cos, sin
+
+
+def _rotated(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x [B, L, heads, d] rotated as rotate-half RoPE (mx.fast.rope with traditional=False)."""
+    half = x.shape[-1] // 2
+    first, second = _rotate(x[..., :half], x[..., half:], cos, sin)
+    return mx.concatenate([first, second], axis=-1)
+
+
+@mx.compile
+def _rotate(x1: mx.array, x2: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
 def decoder_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
     """The decoder's attention over [B, heads, L, d] queries and [B, kv heads, S, d] keys
     and values: a causal prefill on the kernel above (MLX's CPU SDPA took a quarter of a
     304-token prefill there), the rest (one-token steps, explicit masks, quantized
-    caches) as mlx-lm computes it."""
+    caches) as mlx-lm computes it. A causal prefill runs in chunks of query positions,
+    each over the keys its last query sees, which skips most of the masked scores
+    (304 positions: 0.68x the time of one chunk)."""
     length, keys = q.shape[2], k.shape[2]
     causal = isinstance(mask, str) and mask == "causal"
     if length == 1 or hasattr(cache, "bits") or not (mask is None or causal):
         return portable.decoder_attention(q, k, v, scale, mask, cache)
     b, heads, _, d = q.shape
     groups = k.shape[1]
-    q = q.reshape(b, groups, heads // groups * length, d)  # the heads sharing a key head, side by side
-    bias = _causal_bias(keys, length, heads // groups, q.dtype) if causal else None
-    out = joined(in_bands(lambda a, c: _attention(q[:, a:c], k[:, a:c], v[:, a:c], scale, bias), groups))
-    return out.reshape(b, heads, length, d)
+    per = heads // groups
+    q = q.reshape(b, groups, per, length, d)
+    chunks = _causal_chunks(keys, length, per, q.dtype) if causal else [(0, length, None)]
+
+    def band(a: int, c: int) -> mx.array:
+        outs = []
+        for start, stop, bias in chunks:
+            seen = keys - length + stop
+            side_by_side = q[:, a:c, :, start:stop].reshape(b, c - a, per * (stop - start), d)  # heads sharing a key head
+            out = _attention(side_by_side, k[:, a:c, :seen], v[:, a:c, :seen], scale, bias)
+            outs.append(out.reshape(b, c - a, per, stop - start, d))
+        return mx.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+
+    return joined(in_bands(band, groups)).reshape(b, heads, length, d)
 
 
 @functools.lru_cache(maxsize=1)
-def _causal_bias(keys: int, length: int, heads: int, dtype: mx.Dtype) -> mx.array:
-    """[keys, heads * length]: 0 where query i (at position keys - length + i) sees the
-    key, -1e30 where not; built once a prefill, not in each of its layers."""
-    seen = mx.arange(keys)[:, None] <= mx.arange(keys - length, keys)[None]
-    bias = mx.tile(mx.where(seen, 0.0, -1e30).astype(dtype), (1, heads))
-    mx.eval(bias)  # shared by later calls, on any stream or thread
-    return bias
+def _causal_chunks(keys: int, length: int, heads: int, dtype: mx.Dtype) -> list[tuple[int, int, mx.array]]:
+    """Query positions start:stop in chunks of at most _CAUSAL_CHUNK, each with its bias
+    [keys it sees, heads * (stop - start)]: 0 where query i (at position keys - length + i)
+    sees the key, -1e30 where not; built once a prefill, not in each of its layers."""
+    n = -(-length // _CAUSAL_CHUNK)
+    edges = [length * i // n for i in range(n + 1)]
+    chunks = []
+    for start, stop in zip(edges, edges[1:]):
+        seen = keys - length + stop
+        visible = mx.arange(seen)[:, None] <= mx.arange(seen - (stop - start), seen)[None]
+        chunks.append((start, stop, mx.tile(mx.where(visible, 0.0, -1e30).astype(dtype), (1, heads))))
+    mx.eval([bias for *_, bias in chunks])  # shared by later calls, on any stream or thread
+    return chunks
+
+
+_CAUSAL_CHUNK = 128  # 304 and 372 positions in 3 chunks: 0.68x and 0.57x the time of one
 
 
 # The CPU backend's exp calls a software fma six times a value (~12 ns), and

@@ -58,6 +58,15 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
+def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v [B, heads, L, d] of the decoder's attention over x [B, L, hidden], q and k
+    rotated for positions offset, offset + 1, ..., as mlx-lm's Qwen2 computes them."""
+    b, length, _ = x.shape
+    q, k, v = (proj(x).reshape(b, length, heads, -1).transpose(0, 2, 1, 3) for proj, heads in
+               ((attn.q_proj, attn.n_heads), (attn.k_proj, attn.n_kv_heads), (attn.v_proj, attn.n_kv_heads)))
+    return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
+
+
 def decoder_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
     """The decoder's attention, as mlx-lm's Qwen2 computes it (quantized KV caches included)."""
     return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
