@@ -328,7 +328,8 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
     def band(a: int, c: int) -> list[mx.array]:
         q, k, v = (portable.linear(x[:, a:c], p.weight, p.get("bias")).reshape(b, c - a, heads, -1)
                    for p, heads in zip(projections, (attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)))
-        return [_rotated(q, cos[a:c], sin[a:c]), _rotated(k, cos[a:c], sin[a:c]), v]
+        angles = cos[a:c], sin[a:c]
+        return [_rotated(q, *angles), _rotated(k, *angles), v]
 
     parts = in_bands(band, length)
     return tuple(joined([part[i] for part in parts]).transpose(0, 2, 1, 3) for i in range(3))
