@@ -82,19 +82,19 @@ def main(
             if round_:
                 samples[name].append(sample)
     print(f"decoder: random {random} weights, {mx.default_device()}, {prompt_tokens}-position prefill, "
-          f"{tokens} tokens decoded; medians of {runs} alternating rounds")
+          f"{tokens} tokens decoded; medians of {runs} alternating rounds, x first: median of the rounds' ratios")
     print(f"memory bound: streaming copy {bandwidth / 1e9:.1f} GB/s (read + written)")
     print(f"{'':>9}{'':>12}{'':>12}{'':>9}{'':>14}{'':>9}{'':>7}{'copy bound':>23}{'product bound':>29}")
     print(f"{'weights':>9}{'read/token':>12}{'prefill ms':>12}{'x first':>9}{'decode tok/s':>14}"
           f"{'x first':>9}{'GB/s':>7}{'tok/s':>13}{'of it':>10}{'GB/s':>10}{'tok/s':>9}{'of it':>10}")
-    first = None
+    first = np.array(samples[next(iter(variants))])
     for name, model in variants.items():
-        prefill_s = float(np.median([s[0] for s in samples[name]]))
-        tps = float(np.median([s[1] for s in samples[name]]))
-        first = first or (prefill_s, tps)
+        sample = np.array(samples[name])
+        prefill_s, tps = np.median(sample, axis=0)
+        prefill_x, tps_x = np.median(sample / first, axis=0)  # each round against the first variant's
         read, rate = decode_bytes(model), head_rate(model)
-        print(f"{name:>9}{read / 1e9:>10.2f}GB{prefill_s * 1e3:>12.0f}{prefill_s / first[0]:>9.2f}{tps:>14.2f}"
-              f"{tps / first[1]:>9.2f}{tps * read / 1e9:>7.1f}{bandwidth / read:>13.2f}{tps * read / bandwidth:>10.0%}"
+        print(f"{name:>9}{read / 1e9:>10.2f}GB{prefill_s * 1e3:>12.0f}{prefill_x:>9.2f}{tps:>14.2f}"
+              f"{tps_x:>9.2f}{tps * read / 1e9:>7.1f}{bandwidth / read:>13.2f}{tps * read / bandwidth:>10.0%}"
               f"{rate / 1e9:>10.1f}{rate / read:>9.2f}{tps * read / rate:>10.0%}")
 
 
