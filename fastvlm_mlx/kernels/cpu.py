@@ -202,13 +202,26 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     step = weight.shape[0]
     if rows <= DECODE_ROWS and weight.dtype == mx.float32 and small_products():  # sgemm's kernel
         step = max(1, _SMALL_PRODUCT // (rows * weight.shape[1]))
+    x2 = x.reshape(rows, x.shape[-1])
+    bands = in_bands(lambda a, b: _cut_product(x2, weight[a:b], None if bias is None else bias[a:b], step),
+                     weight.shape[0])
+    return mx.concatenate(bands, axis=-1).reshape(*x.shape[:-1], weight.shape[0])
 
-    def band(a: int, b: int) -> mx.array:
-        edges = [*range(a, b, step), b]
-        pieces = [portable.linear(x, weight[c:d], None if bias is None else bias[c:d]) for c, d in zip(edges, edges[1:])]
-        return mx.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
 
-    return mx.concatenate(in_bands(band, weight.shape[0]), axis=-1)
+def _cut_product(x: mx.array, weight: mx.array, bias: mx.array | None, step: int) -> mx.array:
+    """x [N, I] @ weight.T + bias as products of `step` rows of weight each: the equal
+    pieces as one batched matmul, for which MLX calls the BLAS once a piece; one MLX op
+    a piece cost more than the products of a small matrix (the LM head in 138 pieces:
+    34 ms against 24 ms as one op, decoding on 2 cores)."""
+    if step >= weight.shape[0]:
+        return portable.linear(x, weight, bias)
+    n = weight.shape[0] // step
+    pieces = weight[: n * step].reshape(n, step, -1).swapaxes(1, 2)
+    parts = [(x @ pieces).swapaxes(0, 1).reshape(x.shape[0], n * step)]
+    if n * step < weight.shape[0]:
+        parts.append(x @ weight[n * step :].T)
+    y = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    return y if bias is None else y + bias
 
 
 def _banded_product(weight: mx.array) -> bool:
