@@ -326,21 +326,26 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, bias: mx.arr
 
 
 def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx.array, mx.array]:
-    """q, k, v [B, heads, L, d] of the decoder's attention, q and k rotated. A prefill
-    computes all three projections and the rotation on each band of positions, the
-    rotation from a table of cosines and sines made once a prefill: mx.fast.rope
-    evaluates them for every head again, at a third of the speed of the table."""
+    """q, k, v [B, heads, L, d] of the decoder's attention, q and k rotated, the rotation
+    from a table of cosines and sines made once a forward pass: mx.fast.rope evaluates
+    them for every head again, at a third of the speed of the table in a prefill, and
+    on this backend as a dozen MLX ops per call in a decode step. A prefill computes
+    all three projections and the rotation on each band of positions."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     rope, (b, length, _) = attn.rope, x.shape
     if not (type(rope) is nn.RoPE and not rope.traditional and isinstance(offset, int)
-            and length >= _BANDED_POSITIONS and rope.dims == attn.q_proj.weight.shape[0] // attn.n_heads
-            and not any("scales" in p for p in projections) and _banded_product(attn.q_proj.weight)):
+            and rope.dims == attn.q_proj.weight.shape[0] // attn.n_heads):
         return portable.attention_inputs(x, attn, offset)
     cos, sin = _rotary_table(offset, length, rope.dims, rope.base, rope.scale)
+    heads = (attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)
+    if (length < _BANDED_POSITIONS or any("scales" in p for p in projections)
+            or not _banded_product(attn.q_proj.weight)):  # each product as the layer computes it
+        q, k, v = (p(x).reshape(b, length, h, -1) for p, h in zip(projections, heads))
+        return tuple(a.transpose(0, 2, 1, 3) for a in (_rotated(q, cos, sin), _rotated(k, cos, sin), v))
 
     def band(a: int, c: int) -> list[mx.array]:
-        q, k, v = (portable.linear(x[:, a:c], p.weight, p.get("bias")).reshape(b, c - a, heads, -1)
-                   for p, heads in zip(projections, (attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)))
+        q, k, v = (portable.linear(x[:, a:c], p.weight, p.get("bias")).reshape(b, c - a, h, -1)
+                   for p, h in zip(projections, heads))
         angles = cos[a:c], sin[a:c]
         return [_rotated(q, *angles), _rotated(k, *angles), v]
 
@@ -352,7 +357,7 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
 def _rotary_table(offset: int, length: int, dims: int, base: float, scale: float) -> tuple[mx.array, mx.array]:
     """cos and sin [length, 1, dims / 2] of positions offset... times base^(-2i / dims), the
     angles in float32 as the reference computes them (Qwen2 in transformers), each cosine
-    and sine then exact; built once a prefill, not in each of its layers."""
+    and sine then exact; built once a forward pass, not in each of its layers."""
     inverse = (1.0 / np.float32(base) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims))).astype(np.float32)
     positions = (np.arange(offset, offset + length, dtype=np.float32) * np.float32(scale))[:, None]
     angles = (positions * inverse).astype(np.float64)[:, None]
