@@ -10,11 +10,18 @@ the FLOPs of the whole tower over the peak are the tower's floor. What is left o
 the timed run (GELUs outside the ConvFFNs, residual adds, norms) is "rest". The CPU
 kernels run a ConvFFN's two 1x1 convs and its GELU fused, band by band, so they are
 timed as one; on the portable path its 1x1 convs count as 1x1 convs.
+
+The ConvFFNs' 1x1 convs are then timed alone, as the kernels run the ConvFFN with
+its GELU replaced by the identity, on inputs of the shapes the tower gives them:
+the speed the BLAS reaches on those products (small K or N keep it under the peak).
+With them at that speed, the depthwise convs as timed and every other FLOP at the
+peak, the tower could take no less than the last line's floor on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +30,9 @@ import mlx.core as mx
 import numpy as np
 import typer
 
+from fastvlm_mlx import kernels
 from fastvlm_mlx.errors import exit_codes
+from fastvlm_mlx.kernels import cpu, portable
 from fastvlm_mlx.fastvithd import MHSA, Conv2d, ConvFFN, FastViTHD, VisionConfig
 from fastvlm_mlx.utils import keep_freed_buffers
 
@@ -109,6 +118,41 @@ def breakdown(tower: FastViTHD, resolution: int, runs: int) -> tuple[list[float]
     return plain, timed, kinds
 
 
+@contextlib.contextmanager
+def identity_gelu() -> Iterator[None]:
+    """The ConvFFN's GELU, as either kernel path computes it, replaced by the identity."""
+    saved = cpu._gelu_rational, portable.gelu
+    cpu._gelu_rational, portable.gelu = (lambda h, bias: h), (lambda h: h)
+    try:
+        yield
+    finally:
+        cpu._gelu_rational, portable.gelu = saved
+
+
+def convffn_products(tower: FastViTHD, resolution: int, runs: int) -> tuple[list[float], int, int]:
+    """Seconds per run of every ConvFFN's two 1x1 convs alone, as the kernels run the
+    ConvFFN (band by band on the CPU) with its GELU left out, on random inputs of the
+    shapes the tower gives them; and their FLOPs and the number of ConvFFNs."""
+    shapes = []
+    original = ConvFFN.__call__
+    ConvFFN.__call__ = lambda self, x: shapes.append((self, x.shape)) or original(self, x)
+    try:
+        mx.eval(tower(mx.random.uniform(shape=(1, resolution, resolution, 3))))
+    finally:
+        ConvFFN.__call__ = original
+    seconds, flops = [0.0] * runs, 0
+    with identity_gelu():
+        for ffn, shape in shapes:
+            flops += 2 * 2 * math.prod(shape) * ffn.fc1.weight.shape[0]  # two products, C x hidden a pixel
+            x = mx.random.normal(shape)
+            mx.eval(x, kernels.pointwise_ffn(x, ffn.fc1, ffn.fc2))  # warm-up
+            for run in range(runs):
+                start = time.perf_counter()
+                mx.eval(kernels.pointwise_ffn(x, ffn.fc1, ffn.fc2))
+                seconds[run] += time.perf_counter() - start
+    return seconds, flops, len(shapes)
+
+
 def main(
     resolution: int = typer.Option(1024, help="Input side in pixels, a multiple of 64."),
     runs: int = typer.Option(3, min=1, help="Plain and timed runs, alternating, after one warm-up."),
@@ -139,6 +183,17 @@ def main(
     rest = median([t - sum(k.seconds for k in run.values()) for t, run in zip(timed, kinds)])
     rest_flops = total_flops - sum(k.flops for k in kinds[0].values())
     print(f"{'rest':<28}{'':>6}{rest * 1e3:>9,.0f}{rest / median(timed):>8.0%}{rest_flops / 1e9:>8.1f}")
+    ffn_seconds, ffn_flops, calls = convffn_products(model.vision_tower, resolution, runs)
+    ffn = median(ffn_seconds)
+    print(f"{'ConvFFN 1x1 convs alone':<28}{calls:>6}{ffn * 1e3:>9,.0f}{'':>8}{ffn_flops / 1e9:>8.1f}"
+          f"{ffn_flops / ffn / 1e9:>9.1f}{ffn_flops / ffn / 1e9 / peak:>9.0%}")
+    depthwise = [name for name in kinds[0] if name.startswith("depthwise")]
+    depthwise_s = sum(median([run[name].seconds for run in kinds]) for name in depthwise)
+    other_flops = total_flops - ffn_flops - sum(kinds[0][name].flops for name in depthwise)
+    floor = depthwise_s + ffn + other_flops / peak / 1e9
+    print(f"floor: depthwise convs as timed ({depthwise_s * 1e3:,.0f} ms), the ConvFFNs' 1x1 convs alone "
+          f"({ffn * 1e3:,.0f} ms), every other FLOP at the peak ({other_flops / peak / 1e6:,.0f} ms): "
+          f"{floor * 1e3:,.0f} ms")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,30 @@ def test_tower_breakdown_counts_each_layer_and_flop_once():
     assert {cls: cls.__call__ for cls in tower_bench.KINDS} == before
 
 
+def test_tower_convffn_products_alone():
+    """bench.tower's ConvFFN products: every ConvFFN once, with the FLOPs its kind counts
+    in the breakdown, computed with the GELU replaced by the identity (fc2 of fc1's
+    product then; the CPU kernels add fc1's bias in their GELU, so it goes with it), and
+    the GELU back in place afterwards."""
+    model = random_model(TINY_CONFIG, mx.float32)
+    tower = model.vision_tower
+    gelus = kernels.cpu._gelu_rational, kernels.portable.gelu
+    seconds, flops, calls = tower_bench.convffn_products(tower, 128, runs=2)
+    ffns = [m for _, m in tower.named_modules() if isinstance(m, ConvFFN)]
+    assert calls == len(ffns) and len(seconds) == 2 and all(s > 0 for s in seconds)
+    _, _, kinds = tower_bench.breakdown(tower, 128, runs=1)
+    if kernels.selected() is kernels.cpu:  # on the portable path those FLOPs count as 1x1 convs
+        assert flops == kinds[0]["ConvFFN 1x1 convs + GELU"].flops
+    fc1, fc2 = ffns[0].fc1, ffns[0].fc2
+    fc1.bias = mx.random.normal(fc1.bias.shape)
+    x = mx.random.normal((1, 8, 8, fc1.weight.shape[-1]))
+    with tower_bench.identity_gelu():
+        alone = kernels.pointwise_ffn(x, fc1, fc2)
+    hidden = fc1(x) - fc1.bias if kernels.selected() is kernels.cpu else fc1(x)
+    assert mx.allclose(alone, fc2(hidden), atol=1e-5).item()
+    assert (kernels.cpu._gelu_rational, kernels.portable.gelu) == gelus
+
+
 def test_sweep_on_a_tiny_random_model(tiny):
     ids = prompt_ids(None, 8, tiny.args.text_config.vocab_size)
     assert len(ids) == 9 and ids.count(IMAGE_TOKEN_INDEX) == 1
