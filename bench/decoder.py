@@ -10,12 +10,15 @@ printed as a fraction of that bound. A second bound is the product itself: the
 LM head (the largest matrix) times one row, as decode computes it, read at its
 own bytes/s; decode can go no faster than that rate over all weights. The
 variants run alternately in one process, round after round, so the ratios
-compare like with like.
+compare like with like. Last, the first variant's prefill products are timed
+alone: the least its prefill could take with everything between them free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +30,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from fastvlm_mlx.fastvlm import Model, quantize
 from fastvlm_mlx.generation import prefill
+from fastvlm_mlx.kernels import cpu, portable
 from fastvlm_mlx.utils import keep_freed_buffers
 
 from .flops import copy_bandwidth, decode_bytes, fastest
@@ -39,6 +43,37 @@ def head_rate(model: Model, repeats: int = 5) -> float:
     head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
     h = mx.random.normal((1, 1, lm.args.hidden_size))
     return sum(v.nbytes for _, v in tree_flatten(head.parameters())) / fastest(lambda: model.lm_head(h), repeats)
+
+
+@contextlib.contextmanager
+def identity_swiglu() -> Iterator[None]:
+    """The MLP's silu(gate) * up, as either kernel path computes it, replaced by gate
+    (with up still computed)."""
+    saved = cpu._swiglu, portable.swiglu
+    cpu._swiglu = portable.swiglu = lambda gate, up: mx.depends(gate, up)
+    try:
+        yield
+    finally:
+        cpu._swiglu, portable.swiglu = saved
+
+
+def prefill_products(model: Model, positions: int, repeats: int = 3) -> float:
+    """Seconds of a prefill's products alone, on `positions` random rows as the kernels
+    compute them: each layer's q, k, v and o projections, and its MLP with the silu
+    left out; the head on the last position (the fastest of `repeats` each). The
+    least a prefill could take if everything between the products cost nothing."""
+    lm = model.language_model
+    seconds = fastest(lambda: model.lm_head(mx.random.normal((1, 1, lm.args.hidden_size))), repeats)
+    x = mx.random.normal((1, positions, lm.args.hidden_size))
+    with identity_swiglu():
+        for layer in lm.model.layers:
+            attn = layer.self_attn
+            heads = mx.random.normal((1, positions, attn.o_proj.weight.shape[1]))
+            mx.eval(x, heads)
+            seconds += fastest(lambda: [p(x) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], repeats)  # noqa: B023
+            seconds += fastest(lambda: attn.o_proj(heads), repeats)  # noqa: B023
+            seconds += fastest(lambda: layer.mlp(x), repeats)  # noqa: B023
+    return seconds
 
 
 def time_once(model: Model, ids: list[int], tokens: int) -> tuple[float, float]:
@@ -96,6 +131,10 @@ def main(
         print(f"{name:>9}{read / 1e9:>10.2f}GB{prefill_s * 1e3:>12.0f}{prefill_x:>9.2f}{tps:>14.2f}"
               f"{tps_x:>9.2f}{tps * read / 1e9:>7.1f}{bandwidth / read:>13.2f}{tps * read / bandwidth:>10.0%}"
               f"{rate / 1e9:>10.1f}{rate / read:>9.2f}{tps * read / rate:>10.0%}")
+    name, model = next(iter(variants.items()))
+    products = prefill_products(model, prompt_tokens)
+    print(f"{name} prefill's products alone (projections and MLPs on {prompt_tokens} positions, the head on one): "
+          f"{products * 1e3:,.0f} ms, {products / np.median(first[:, 0]):.0%} of its prefill")
 
 
 if __name__ == "__main__":

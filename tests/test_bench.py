@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import CHECKPOINT
 from fastvlm_mlx import kernels
 from fastvlm_mlx.bench import cli as bench_cli
+from fastvlm_mlx.bench import decoder as decoder_bench
 from fastvlm_mlx.bench import harness
 from fastvlm_mlx.bench import tower as tower_bench
 from fastvlm_mlx.bench.flops import decoder_flops, matmul_peak, projector_flops, vision_flops
@@ -123,6 +124,21 @@ def test_tower_convffn_products_alone():
     hidden = fc1(x) - fc1.bias if kernels.selected() is kernels.cpu else fc1(x)
     assert mx.allclose(alone, fc2(hidden), atol=1e-5).item()
     assert (kernels.cpu._gelu_rational, kernels.portable.gelu) == gelus
+
+
+def test_decoder_prefill_products_leave_out_only_the_silu(tiny):
+    """bench.decoder's products alone: with the silu replaced, an MLP computes
+    down(gate(x)) with up(x) still evaluated (its product is timed), and the silu is back
+    afterwards; the timing covers the model's layers."""
+    mlp = tiny.language_model.model.layers[0].mlp
+    x = mx.random.normal((1, 40, tiny.args.text_config.hidden_size))  # a prefill: bands where the CPU has them
+    before = kernels.cpu._swiglu, kernels.portable.swiglu
+    with decoder_bench.identity_swiglu():
+        alone = mlp(x)
+    assert mx.allclose(alone, mlp.down_proj(mlp.gate_proj(x)), atol=1e-5).item()
+    assert (kernels.cpu._swiglu, kernels.portable.swiglu) == before
+    assert not mx.allclose(mlp(x), alone, atol=1e-3).item()
+    assert decoder_bench.prefill_products(tiny, 40, repeats=1) > 0
 
 
 def test_sweep_on_a_tiny_random_model(tiny):
