@@ -82,8 +82,8 @@ def test_decoder_mlp_silu_matches_mlx_lm(banded):
     got = np.asarray(swiglu(g, mx.ones_like(g)), dtype=np.float64)
     assert np.all(np.abs(got - want) <= 1e-6 * np.maximum(np.abs(want), 1e-2))
     mlp = MLP(128, 512)  # large enough to run in bands
-    for length in (1, 7, 40):  # decode, a short turn, a prefill in bands of positions
-        x = mx.random.normal((1, length, 128), key=mx.random.key(3)) * 4
+    for shape in ((1, 1, 128), (3, 1, 128), (1, 7, 128), (1, 40, 128)):  # decode (batched), a short turn, a prefill
+        x = mx.random.normal(shape, key=mx.random.key(3)) * 4
         want = qwen2.MLP.__call__(mlp, x)  # mlx-lm's own swiglu
         assert mx.abs(cpu.mlp(x, mlp) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
