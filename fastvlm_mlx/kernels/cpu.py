@@ -546,9 +546,12 @@ class _Packing:
         """[O, I / pack] words -> [O, groups, words]."""
         return weight.reshape(weight.shape[0], self.groups, self.words)
 
-    def by_code(self, x: mx.array) -> mx.array:
-        """[N, I] -> [pack, N, groups, words]: input 'pack * word + k' at [k, ..., word]."""
-        return mx.contiguous(x.reshape(x.shape[0], self.groups, self.words, self.pack).transpose(3, 0, 1, 2))
+    def by_code(self, x: mx.array) -> list[mx.array]:
+        """[N, I] -> for each code k, [N, 1, groups, words]: input 'pack * word + k' of a
+        group at [..., word]; slices of one copy, so that a compiled kernel takes them as
+        they are (an index taken inside it is a gather of its own, for every call)."""
+        xk = mx.contiguous(x.reshape(x.shape[0], self.groups, self.words, self.pack).transpose(3, 0, 1, 2))
+        return [xk[k : k + 1].reshape(x.shape[0], 1, self.groups, self.words) for k in range(self.pack)]
 
 
 def _codes_times(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, p: _Packing) -> mx.array:
@@ -571,13 +574,13 @@ _BANDED_WEIGHTS = 1 << 21
 
 
 @mx.compile
-def _unpack_multiply(w: mx.array, xk: mx.array, bits: int) -> mx.array:
-    """Each code of the words w [O, groups, words] times its input xk[k] [N, groups, words],
+def _unpack_multiply(w: mx.array, xk: list[mx.array], bits: int) -> mx.array:
+    """Each code of the words w [O, groups, words] times its input xk[k] [N, 1, groups, words],
     summed over the codes of a word: [N, O, groups, words]. The words are read as int32
     (the mask drops the sign's bits), which converts to float32 in one instruction; the
     sum over codes is a tree, which keeps the kernel shallow enough to stay one."""
     mask = (1 << bits) - 1
-    terms = [((w >> (bits * k)) & mask).astype(mx.float32) * xk[k][:, None] for k in range(xk.shape[0])]
+    terms = [((w >> (bits * k)) & mask).astype(mx.float32) * x for k, x in enumerate(xk)]
     while len(terms) > 1:
         terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) // 2 * 2 :]
     return terms[0]
