@@ -32,8 +32,8 @@ import typer
 
 from fastvlm_mlx import kernels
 from fastvlm_mlx.errors import exit_codes
-from fastvlm_mlx.kernels import cpu, portable
 from fastvlm_mlx.fastvithd import MHSA, Conv2d, ConvFFN, FastViTHD, VisionConfig
+from fastvlm_mlx.kernels import cpu, portable
 from fastvlm_mlx.utils import keep_freed_buffers
 
 from .flops import matmul_peak, module_macs, vision_flops
