@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -49,12 +50,11 @@ def head_rate(model: Model, repeats: int = 5) -> float:
 def identity_swiglu() -> Iterator[None]:
     """The MLP's silu(gate) * up, as either kernel path computes it, replaced by gate
     (with up still computed)."""
-    saved = cpu._swiglu, portable.swiglu
-    cpu._swiglu = portable.swiglu = lambda gate, up: mx.depends(gate, up)
-    try:
+    def gate_only(gate: mx.array, up: mx.array) -> mx.array:
+        return mx.depends(gate, up)
+
+    with mock.patch.object(cpu, "_swiglu", gate_only), mock.patch.object(portable, "swiglu", gate_only):
         yield
-    finally:
-        cpu._swiglu, portable.swiglu = saved
 
 
 def prefill_products(model: Model, positions: int, repeats: int = 3) -> float:

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -91,13 +92,10 @@ def timed_layers(kinds: dict[str, Kind]) -> Iterator[None]:
 
         return timed
 
-    try:
+    with contextlib.ExitStack() as stack:
         for cls, call in originals.items():
-            cls.__call__ = wrap(cls, call)
+            stack.enter_context(mock.patch.object(cls, "__call__", wrap(cls, call)))
         yield
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
 
 
 def breakdown(tower: FastViTHD, resolution: int, runs: int) -> tuple[list[float], list[float], list[dict[str, Kind]]]:
@@ -121,12 +119,8 @@ def breakdown(tower: FastViTHD, resolution: int, runs: int) -> tuple[list[float]
 @contextlib.contextmanager
 def identity_gelu() -> Iterator[None]:
     """The ConvFFN's GELU, as either kernel path computes it, replaced by the identity."""
-    saved = cpu._gelu_rational, portable.gelu
-    cpu._gelu_rational, portable.gelu = (lambda h, bias: h), (lambda h: h)
-    try:
+    with mock.patch.object(cpu, "_gelu_rational", lambda h, bias: h), mock.patch.object(portable, "gelu", lambda h: h):
         yield
-    finally:
-        cpu._gelu_rational, portable.gelu = saved
 
 
 def convffn_products(tower: FastViTHD, resolution: int, runs: int) -> tuple[list[float], int, int]:
@@ -135,11 +129,8 @@ def convffn_products(tower: FastViTHD, resolution: int, runs: int) -> tuple[list
     shapes the tower gives them; and their FLOPs and the number of ConvFFNs."""
     shapes = []
     original = ConvFFN.__call__
-    ConvFFN.__call__ = lambda self, x: shapes.append((self, x.shape)) or original(self, x)
-    try:
+    with mock.patch.object(ConvFFN, "__call__", lambda self, x: shapes.append((self, x.shape)) or original(self, x)):
         mx.eval(tower(mx.random.uniform(shape=(1, resolution, resolution, 3))))
-    finally:
-        ConvFFN.__call__ = original
     seconds, flops = [0.0] * runs, 0
     with identity_gelu():
         for ffn, shape in shapes:

@@ -338,18 +338,18 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
         return portable.attention_inputs(x, attn, offset)
     cos, sin = _rotary_table(offset, length, rope.dims, rope.base, rope.scale)
     heads = (attn.n_heads, attn.n_kv_heads, attn.n_kv_heads)
+
+    def rotated(q: mx.array, k: mx.array, v: mx.array, a: int, c: int) -> list[mx.array]:
+        """[B, c - a, heads * d] projections at positions a:c -> [B, c - a, heads, d], q and k rotated."""
+        q, k, v = (y.reshape(b, c - a, h, -1) for y, h in zip((q, k, v), heads))
+        return [_rotated(q, cos[a:c], sin[a:c]), _rotated(k, cos[a:c], sin[a:c]), v]
+
     if (length < _BANDED_POSITIONS or any("scales" in p for p in projections)
             or not _banded_product(attn.q_proj.weight)):  # each product as the layer computes it
-        q, k, v = (p(x).reshape(b, length, h, -1) for p, h in zip(projections, heads))
-        return tuple(a.transpose(0, 2, 1, 3) for a in (_rotated(q, cos, sin), _rotated(k, cos, sin), v))
-
-    def band(a: int, c: int) -> list[mx.array]:
-        q, k, v = (portable.linear(x[:, a:c], p.weight, p.get("bias")).reshape(b, c - a, h, -1)
-                   for p, h in zip(projections, heads))
-        angles = cos[a:c], sin[a:c]
-        return [_rotated(q, *angles), _rotated(k, *angles), v]
-
-    parts = in_bands(band, length)
+        parts = [rotated(*(p(x) for p in projections), 0, length)]
+    else:
+        parts = in_bands(lambda a, c: rotated(*(portable.linear(x[:, a:c], p.weight, p.get("bias"))
+                                                for p in projections), a, c), length)
     return tuple(joined([part[i] for part in parts]).transpose(0, 2, 1, 3) for i in range(3))
 
 
