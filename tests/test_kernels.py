@@ -120,6 +120,20 @@ def test_linear_matches_matmul(banded, shape, bias):
     assert mx.abs(small - want[..., :40]).max().item() <= 1e-6 * mx.abs(want).max().item()
 
 
+@pytest.mark.parametrize("rows", [(1, 1, 96), (3, 96)])  # a decode step, batched
+def test_stacked_products_match_matmul(banded, rows):
+    """Matrices sharing an input, stacked into bands that begin and end inside them
+    (840 outputs in 2, 3 or 4 bands: inside the first, or the second), with and without bias."""
+    weights = [mx.random.normal((n, 96), key=mx.random.key(n)) for n in (700, 50, 90)]
+    biases = [mx.random.normal((700,), key=mx.random.key(8)), None, mx.random.normal((90,), key=mx.random.key(8))]
+    x = mx.random.normal(rows, key=mx.random.key(9))
+    got = cpu.stacked_products(x, list(zip(weights, biases)))
+    for out, w, b in zip(got, weights, biases):
+        want = x @ w.T + (0 if b is None else b)
+        assert out.shape == want.shape == (*rows[:-1], w.shape[0])
+        assert mx.abs(out - want).max().item() <= 1e-6 * mx.abs(want).max().item()
+
+
 def test_pointwise_ffn_matches_the_portable_one(banded):
     from fastvlm_mlx.fastvithd import ConvFFN
 

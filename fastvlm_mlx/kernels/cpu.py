@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -191,21 +192,42 @@ def blas_threads() -> Iterator[None]:
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """x @ weight.T + bias, in bands where blas_in_bands(): of positions (axis 1) for a
-    prefill, of outputs for a decode step on a large matrix, else in one call. A
-    decode step's band is cut into products small enough for OpenBLAS's small-matrix
-    kernel where it has one (see small_products)."""
+    prefill, of outputs for a decode step on a large matrix (stacked_products), else in
+    one call."""
     if not _banded_product(weight):
         return portable.linear(x, weight, bias)
     if x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS:
         return joined(in_bands(lambda a, b: portable.linear(x[:, a:b], weight, bias), x.shape[1]))
+    return stacked_products(x, [(weight, bias)])[0]
+
+
+def stacked_products(x: mx.array, layers: list[tuple[mx.array, mx.array | None]]) -> list[mx.array]:
+    """x @ W.T + b for each (W, b), for a decode step: the outputs of all the W taken as
+    one stack, in bands of it, one per stream, so matrices that share x (q, k, v; gate,
+    up) join once, not once each. Each band is cut into products small enough for
+    OpenBLAS's small-matrix kernel where it has one (see small_products)."""
     rows = x.size // x.shape[-1]
-    step = weight.shape[0]
-    if rows <= DECODE_ROWS and weight.dtype == mx.float32 and small_products():  # sgemm's kernel
-        step = max(1, _SMALL_PRODUCT // (rows * weight.shape[1]))
     x2 = x.reshape(rows, x.shape[-1])
-    bands = in_bands(lambda a, b: _cut_product(x2, weight[a:b], None if bias is None else bias[a:b], step),
-                     weight.shape[0])
-    return mx.concatenate(bands, axis=-1).reshape(*x.shape[:-1], weight.shape[0])
+    starts = list(itertools.accumulate((w.shape[0] for w, _ in layers), initial=0))
+
+    def band(a: int, c: int) -> mx.array:
+        parts = []
+        for (w, bias), start, stop in zip(layers, starts, starts[1:]):
+            lo, hi = max(a, start) - start, min(c, stop) - start
+            if lo < hi:
+                parts.append(_cut_product(x2, w[lo:hi], None if bias is None else bias[lo:hi], _piece(rows, w)))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+    y = joined(in_bands(band, starts[-1]))
+    return [y[:, a:c].reshape(*x.shape[:-1], c - a) for a, c in zip(starts, starts[1:])]
+
+
+def _piece(rows: int, weight: mx.array) -> int:
+    """Rows of weight per product with `rows` inputs: within the small-matrix kernel's
+    limit where it serves (see small_products), else all of them."""
+    if rows <= DECODE_ROWS and weight.dtype == mx.float32 and small_products():
+        return max(1, _SMALL_PRODUCT // (rows * weight.shape[1]))
+    return weight.shape[0]
 
 
 def _cut_product(x: mx.array, weight: mx.array, bias: mx.array | None, step: int) -> mx.array:
@@ -330,7 +352,8 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
     from a table of cosines and sines made once a forward pass: mx.fast.rope evaluates
     them for every head again, at a third of the speed of the table in a prefill, and
     on this backend as a dozen MLX ops per call in a decode step. A prefill computes
-    all three projections and the rotation on each band of positions."""
+    all three projections and the rotation on each band of positions, a decode step
+    the projections as one stack (stacked_products)."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     rope, (b, length, _) = attn.rope, x.shape
     if not (type(rope) is nn.RoPE and not rope.traditional and isinstance(offset, int)
@@ -344,9 +367,10 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
         q, k, v = (y.reshape(b, c - a, h, -1) for y, h in zip((q, k, v), heads))
         return [_rotated(q, cos[a:c], sin[a:c]), _rotated(k, cos[a:c], sin[a:c]), v]
 
-    if (length < _BANDED_POSITIONS or any("scales" in p for p in projections)
-            or not _banded_product(attn.q_proj.weight)):  # each product as the layer computes it
-        parts = [rotated(*(p(x) for p in projections), 0, length)]
+    if any("scales" in p for p in projections) or not _banded_product(attn.q_proj.weight):
+        parts = [rotated(*(p(x) for p in projections), 0, length)]  # each product as the layer computes it
+    elif length < _BANDED_POSITIONS:
+        parts = [rotated(*stacked_products(x, [(p.weight, p.get("bias")) for p in projections]), 0, length)]
     else:
         parts = in_bands(lambda a, c: rotated(*(portable.linear(x[:, a:c], p.weight, p.get("bias"))
                                                 for p in projections), a, c), length)
@@ -460,11 +484,13 @@ def _exp2_parts(x: mx.array, shift: mx.array | float) -> tuple[mx.array, mx.arra
 
 def mlp(x: mx.array, layer: nn.Module) -> mx.array:
     """down(silu(gate(x)) * up(x)) for the decoder's MLP; where blas_in_bands(), a
-    prefill runs all of it on each band of positions, with no join in between."""
+    prefill runs all of it on each band of positions, with no join in between, and a
+    decode step computes gate and up as one stack (stacked_products)."""
     gate, up, down = layer.gate_proj, layer.up_proj, layer.down_proj
-    quantized = any("scales" in m for m in (gate, up, down))
-    if quantized or not (x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS and _banded_product(gate.weight)):
+    if any("scales" in m for m in (gate, up, down)) or not _banded_product(gate.weight):
         return down(swiglu(gate(x), up(x)))
+    if not (x.ndim == 3 and x.shape[1] >= _BANDED_POSITIONS):
+        return down(_swiglu(*stacked_products(x, [(gate.weight, gate.get("bias")), (up.weight, up.get("bias"))])))
 
     def band(a: int, b: int) -> mx.array:
         xb = x[:, a:b]
