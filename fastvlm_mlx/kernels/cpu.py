@@ -365,6 +365,9 @@ def attention_inputs(x: mx.array, attn: nn.Module, offset) -> tuple[mx.array, mx
     def rotated(q: mx.array, k: mx.array, v: mx.array, a: int, c: int) -> list[mx.array]:
         """[B, c - a, heads * d] projections at positions a:c -> [B, c - a, heads, d], q and k rotated."""
         q, k, v = (y.reshape(b, c - a, h, -1) for y, h in zip((q, k, v), heads))
+        if length == 1:  # one position: one product with its rotation, not six ops
+            turn = _rotation(offset, rope.dims, rope.base, rope.scale)
+            return [q @ turn, k @ turn, v]
         return [_rotated(q, cos[a:c], sin[a:c]), _rotated(k, cos[a:c], sin[a:c]), v]
 
     if any("scales" in p for p in projections) or not _banded_product(attn.q_proj.weight):
@@ -388,6 +391,20 @@ def _rotary_table(offset: int, length: int, dims: int, base: float, scale: float
     cos, sin = mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
     mx.eval(cos, sin)  # shared by later calls, on any stream or thread
     return cos, sin
+
+
+@functools.lru_cache(maxsize=1)
+def _rotation(offset: int, dims: int, base: float, scale: float) -> mx.array:
+    """The [dims, dims] matrix R with x @ R = _rotated(x) at position offset: the same two
+    products and one sum per value, the other terms exact zeros."""
+    c, s = (np.asarray(t).reshape(-1) for t in _rotary_table(offset, 1, dims, base, scale))
+    half = c.size
+    turn = np.zeros((2 * half, 2 * half), np.float32)
+    i = np.arange(half)
+    turn[i, i], turn[i + half, i], turn[i, i + half], turn[i + half, i + half] = c, -s, s, c
+    turn = mx.array(turn)
+    mx.eval(turn)  # shared by later calls, on any stream or thread
+    return turn
 
 
 def _rotated(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
