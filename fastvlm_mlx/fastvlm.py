@@ -142,6 +142,13 @@ class Embedding(nn.Embedding):
         return kernels.linear(x, self["weight"])
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm from the kernels."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self["weight"], self.eps)
+
+
 class Attention(qwen2.Attention):
     """Qwen2's attention, its inputs (projections and rotary embedding) and the attention
     itself from the kernels."""
@@ -191,7 +198,7 @@ class Model(nn.Module):
         for layer in self.language_model.layers:
             layer.self_attn = Attention(text)
             layer.mlp = MLP(text.hidden_size, text.intermediate_size)
-        ours = {nn.Linear: Linear, nn.Embedding: Embedding}  # mlx-lm's layers, our products
+        ours = {nn.Linear: Linear, nn.Embedding: Embedding, nn.RMSNorm: RMSNorm}  # mlx-lm's layers, our kernels
         for _, module in self.language_model.named_modules():
             if type(module) in ours:
                 module.__class__ = ours[type(module)]

@@ -88,6 +88,18 @@ def test_decoder_mlp_silu_matches_mlx_lm(banded):
         assert mx.abs(cpu.mlp(x, mlp) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 896), (3, 1, 896), (1, 2, 896), (1, 40, 896)])  # decode (batched), a prefill
+def test_rms_norm_matches_mlx(shape):
+    x = mx.random.normal(shape, key=mx.random.key(10)) * 3
+    weight = mx.random.normal((896,), key=mx.random.key(11))
+    want = mx.fast.rms_norm(x, weight, 1e-6)
+    got = cpu.rms_norm(x, weight, 1e-6)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() <= 1e-6 * mx.abs(want).max().item()
+    tiny = cpu.rms_norm(x * 1e-5, weight, 1e-6)  # eps matters
+    assert mx.abs(tiny - mx.fast.rms_norm(x * 1e-5, weight, 1e-6)).max().item() <= 1e-6 * mx.abs(want).max().item()
+
+
 def test_blas_runs_a_call_on_one_thread_where_matmuls_run_in_bands():
     from fastvlm_mlx.utils import blas_library
 

@@ -9,7 +9,7 @@ default, takes `cpu` on the CPU backend and `portable` elsewhere. Setting `porta
 on a CPU runs, slowly, exactly the path a Mac runs.
 
 The model calls `kernels.<op>` at each use (compute_dtype, gelu, conv2d,
-pointwise_ffn, attention, linear, mlp, attention_inputs, decoder_attention,
+pointwise_ffn, attention, linear, rms_norm, mlp, attention_inputs, decoder_attention,
 quantized_matmul); the choice is made here, per call.
 """
 

@@ -499,6 +499,21 @@ def _exp2_parts(x: mx.array, shift: mx.array | float) -> tuple[mx.array, mx.arra
     return fraction, mx.left_shift(mx.maximum(r.astype(mx.int32), -127) + 127, 23)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """The decoder's RMSNorm. mx.fast.rms_norm runs here as its fallback, six MLX ops;
+    for a decode step's few rows the sum of squares is one product and the rest one
+    compiled kernel (a float32 decode step 0.94x the time, 14 alternating rounds). A
+    prefill keeps mx.fast.rms_norm, 2.3x faster than this at 304 rows."""
+    if x.size // x.shape[-1] > DECODE_ROWS:
+        return mx.fast.rms_norm(x, weight, eps)
+    return _rms_scaled(x, (x[..., None, :] @ x[..., :, None])[..., 0], weight, eps)
+
+
+@mx.compile
+def _rms_scaled(x: mx.array, squares: mx.array, weight: mx.array, eps: float) -> mx.array:
+    return x * mx.rsqrt(squares * (1.0 / x.shape[-1]) + eps) * weight
+
+
 def mlp(x: mx.array, layer: nn.Module) -> mx.array:
     """down(silu(gate(x)) * up(x)) for the decoder's MLP; where blas_in_bands(), a
     prefill runs all of it on each band of positions, with no join in between, and a

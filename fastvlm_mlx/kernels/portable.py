@@ -32,6 +32,11 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """The decoder's RMSNorm, as nn.RMSNorm computes it."""
+    return mx.fast.rms_norm(x, weight, eps)
+
+
 def mlp(x: mx.array, layer: nn.Module) -> mx.array:
     """The decoder's MLP, down(silu(gate(x)) * up(x)), as mlx-lm computes it."""
     return layer.down_proj(swiglu(layer.gate_proj(x), layer.up_proj(x)))
