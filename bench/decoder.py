@@ -11,7 +11,9 @@ LM head (the largest matrix) times one row, as decode computes it, read at its
 own bytes/s; decode can go no faster than that rate over all weights. The
 variants run alternately in one process, round after round, so the ratios
 compare like with like. Last, the first variant's prefill products are timed
-alone: the least its prefill could take with everything between them free.
+alone, the least its prefill could take with everything between them free, and
+its decode step with every product trivial, what a step costs besides them, set
+against the time MLX takes to evaluate one small op.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import typer
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, generation_stream
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from fastvlm_mlx.fastvlm import Model, quantize
@@ -74,6 +76,53 @@ def prefill_products(model: Model, positions: int, repeats: int = 3) -> float:
             seconds += fastest(lambda: attn.o_proj(heads), repeats)  # noqa: B023
             seconds += fastest(lambda: layer.mlp(x), repeats)  # noqa: B023
     return seconds
+
+
+@contextlib.contextmanager
+def trivial_products() -> Iterator[None]:
+    """Every float product of the decoder, on either kernel path, replaced by a view of
+    its input in the product's shape: no arithmetic, no new op."""
+    def trivial(x: mx.array, weight: mx.array, *_) -> mx.array:
+        return mx.broadcast_to(x[..., :1], (*x.shape[:-1], weight.shape[0]))
+
+    with mock.patch.object(cpu, "_cut_product", trivial), mock.patch.object(portable, "linear", trivial):
+        yield
+
+
+def decode_steps(model: Model, ids: list[int], rounds: int = 9) -> tuple[float, float]:
+    """Median seconds of one decode step after a prefill of `ids`, as it is and with
+    trivial_products(), taken alternately; the cache is trimmed back after each step."""
+    lm = model.language_model
+    cache = make_prompt_cache(lm)
+    mx.eval(prefill(model, ids, None, cache))
+    token = mx.array([[0]])
+
+    def step() -> float:
+        start = time.perf_counter()
+        mx.eval(lm(token, cache=cache))
+        trim_prompt_cache(cache, 1)
+        return time.perf_counter() - start
+
+    def trivial_step() -> float:
+        with trivial_products():
+            return step()
+
+    times = np.array([(step(), trivial_step()) for _ in range(rounds + 1)][1:])
+    return tuple(np.median(times, axis=0))
+
+
+def op_seconds(ops: int = 1000) -> float:
+    """Seconds MLX takes to evaluate one small op: a chain of `ops` multiplies of one row."""
+    x = mx.random.normal((1, 1024))
+    mx.eval(x)
+
+    def chain() -> mx.array:
+        y = x
+        for _ in range(ops):
+            y = y * 1.0
+        return y
+
+    return fastest(chain) / ops
 
 
 def time_once(model: Model, ids: list[int], tokens: int) -> tuple[float, float]:
@@ -135,6 +184,9 @@ def main(
     products = prefill_products(model, prompt_tokens)
     print(f"{name} prefill's products alone (projections and MLPs on {prompt_tokens} positions, the head on one): "
           f"{products * 1e3:,.0f} ms, {products / np.median(first[:, 0]):.0%} of its prefill")
+    whole, rest = decode_steps(model, ids)
+    print(f"{name} decode step: {whole * 1e3:,.0f} ms, {rest * 1e3:,.0f} ms ({rest / whole:.0%}) of it with every "
+          f"product trivial; MLX evaluates one small op in {op_seconds() * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

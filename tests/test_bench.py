@@ -3,6 +3,7 @@
 import json
 import sys
 from collections import Counter
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -139,6 +140,24 @@ def test_decoder_prefill_products_leave_out_only_the_silu(tiny):
     assert (kernels.cpu._swiglu, kernels.portable.swiglu) == before
     assert not mx.allclose(mlp(x), alone, atol=1e-3).item()
     assert decoder_bench.prefill_products(tiny, 40, repeats=1) > 0
+
+
+def test_decoder_step_with_trivial_products(tiny):
+    """bench.decoder's step without products: a product, on either kernel path and
+    however large (the CPU path cuts large ones in bands), comes out as its input's first
+    column in the product's shape; the patches are undone afterwards; both steps are timed."""
+    x, weight = mx.random.normal((1, 1, 256)), mx.random.normal((10000, 256))
+    before = kernels.cpu._cut_product, kernels.portable.linear
+    # on the CPU path: banded, and cut into pieces as with OpenBLAS's small-matrix kernel
+    with mock.patch.object(kernels.cpu, "small_products", lambda: True), decoder_bench.trivial_products():
+        y = kernels.linear(x, weight)
+        head = tiny.lm_head(x[..., : tiny.args.text_config.hidden_size])
+    assert y.shape == (1, 1, 10000) and mx.array_equal(y, mx.broadcast_to(x[..., :1], y.shape)).item()
+    assert mx.array_equal(head, mx.broadcast_to(x[..., :1], head.shape)).item()
+    assert (kernels.cpu._cut_product, kernels.portable.linear) == before
+    assert mx.allclose(kernels.linear(x, weight), x @ weight.T, atol=1e-4).item()
+    whole, rest = decoder_bench.decode_steps(tiny, list(range(1, 9)), rounds=1)
+    assert whole > 0 and rest > 0 and decoder_bench.op_seconds(10) > 0
 
 
 def test_sweep_on_a_tiny_random_model(tiny):
