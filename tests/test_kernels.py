@@ -146,6 +146,19 @@ def test_stacked_products_match_matmul(banded, rows):
         assert mx.abs(out - want).max().item() <= 1e-6 * mx.abs(want).max().item()
 
 
+@pytest.mark.parametrize("outputs, step", [(359, 52), (360, 45)])  # prime: a shorter last piece; even pieces
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cut_product_matches_matmul(outputs, step, rows):
+    assert cpu._even_step(outputs, 52) == step
+    w = mx.random.normal((outputs, 96), key=mx.random.key(12))
+    b = mx.random.normal((outputs,), key=mx.random.key(13))
+    x = mx.random.normal((rows, 96), key=mx.random.key(14))
+    want = x @ w.T + b
+    got = cpu._cut_product(x, w, b, 52)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() <= 1e-6 * mx.abs(want).max().item()
+
+
 def test_pointwise_ffn_matches_the_portable_one(banded):
     from fastvlm_mlx.fastvithd import ConvFFN
 

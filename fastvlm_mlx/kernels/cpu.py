@@ -231,12 +231,13 @@ def _piece(rows: int, weight: mx.array) -> int:
 
 
 def _cut_product(x: mx.array, weight: mx.array, bias: mx.array | None, step: int) -> mx.array:
-    """x [N, I] @ weight.T + bias as products of `step` rows of weight each: the equal
-    pieces as one batched matmul, for which MLX calls the BLAS once a piece; one MLX op
-    a piece cost more than the products of a small matrix (the LM head in 138 pieces:
-    34 ms against 24 ms as one op, decoding on 2 cores)."""
+    """x [N, I] @ weight.T + bias as products of at most `step` rows of weight each: the
+    equal pieces as one batched matmul, for which MLX calls the BLAS once a piece; one
+    MLX op a piece cost more than the products of a small matrix (the LM head in 138
+    pieces: 34 ms against 24 ms as one op, decoding on 2 cores)."""
     if step >= weight.shape[0]:
         return portable.linear(x, weight, bias)
+    step = _even_step(weight.shape[0], step)
     n = weight.shape[0] // step
     pieces = weight[: n * step].reshape(n, step, -1).swapaxes(1, 2)
     parts = [(x @ pieces).swapaxes(0, 1).reshape(x.shape[0], n * step)]
@@ -244,6 +245,16 @@ def _cut_product(x: mx.array, weight: mx.array, bias: mx.array | None, step: int
         parts.append(x @ weight[n * step :].T)
     y = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     return y if bias is None else y + bias
+
+
+def _even_step(rows: int, most: int) -> int:
+    """The largest piece of at most `most` rows that cuts `rows` evenly, if it takes at
+    most twice the pieces of `most` rows; else `most`, and a shorter last piece. An even
+    cut saves the last piece's product and the join: two of a decode step's four MLX ops
+    a matrix band (gate, up and down on 2 cores; a float32 step 0.99x the time, 40
+    alternating rounds)."""
+    least = -(-rows // most)
+    return next((rows // n for n in range(least, 2 * least + 1) if rows % n == 0), most)
 
 
 def _banded_product(weight: mx.array) -> bool:
