@@ -81,7 +81,7 @@ def prefill_products(model: Model, positions: int, repeats: int = 3) -> float:
 @contextlib.contextmanager
 def trivial_products() -> Iterator[None]:
     """Every float product of the decoder, on either kernel path, replaced by a view of
-    its input in the product's shape: no arithmetic, no new op."""
+    its input in the product's shape: no arithmetic, only views."""
     def trivial(x: mx.array, weight: mx.array, *_) -> mx.array:
         return mx.broadcast_to(x[..., :1], (*x.shape[:-1], weight.shape[0]))
 
