@@ -625,14 +625,17 @@ class _Packing:
 
 def _codes_times(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, p: _Packing) -> mx.array:
     """Few rows: sum_g scale[o, g] (codes . x over group g) + bias[o, g] (sum of x over g),
-    the codes multiplied where they lie in one compiled kernel, on bands of outputs
-    for a large matrix (a small one costs less than a band's synchronization)."""
+    the codes multiplied where they lie in one compiled kernel and each group's scale and
+    bias applied in another, on bands of outputs for a large matrix (a small one costs
+    less than a band's synchronization). The biases as a product of their own cost two
+    MLX ops more a band: a decode step 1.06x (8-bit) and 1.03x (4-bit) the time (30
+    alternating rounds each)."""
     xk = p.by_code(x)
-    group_sums = x.reshape(x.shape[0], p.groups, -1).sum(-1)  # [N, groups]
+    group_sums = x.reshape(x.shape[0], 1, p.groups, -1).sum(-1)  # [N, 1, groups]
 
     def band(a: int, b: int) -> mx.array:
         products = _unpack_multiply(p.grouped(weight[a:b]).view(mx.int32), xk, p.bits)
-        return (products.sum(-1) * scales[a:b]).sum(-1) + group_sums @ biases[a:b].T
+        return _scaled_groups(products.sum(-1), scales[a:b], biases[a:b], group_sums).sum(-1)
 
     if weight.size * p.pack < _BANDED_WEIGHTS:
         return band(0, p.outputs)
@@ -640,6 +643,12 @@ def _codes_times(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
 
 
 _BANDED_WEIGHTS = 1 << 21
+
+
+@mx.compile
+def _scaled_groups(code_sums: mx.array, scales: mx.array, biases: mx.array, x_sums: mx.array) -> mx.array:
+    """scale (codes . x) + bias (sum of x) for each group: [N, O, groups]."""
+    return code_sums * scales + x_sums * biases
 
 
 @mx.compile
