@@ -247,6 +247,7 @@ def _cut_product(x: mx.array, weight: mx.array, bias: mx.array | None, step: int
     return y if bias is None else y + bias
 
 
+@functools.cache
 def _even_step(rows: int, most: int) -> int:
     """The largest piece of at most `most` rows that cuts `rows` evenly, if it takes at
     most twice the pieces of `most` rows; else `most`, and a shorter last piece. An even
