@@ -194,6 +194,75 @@ def test_quantized_matmul_matches_mlx(banded, bits, group_size, rows):
     assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bands", [1 << 10, 1 << 30], ids=["bands", "one-stream"])
+@pytest.mark.parametrize("rows", [(1, 1), (3,)])  # a decode step, batched
+def test_quantized_stack_matches_each_layer(monkeypatch, bits, bands, rows):
+    """Quantized layers sharing an input (q, k, v; gate, up) as one stack, in bands that
+    begin and end inside them (840 outputs on the streams), with and without bias,
+    against each layer on its own."""
+    import mlx.nn as nn
+
+    from fastvlm_mlx.fastvlm import quantize
+
+    monkeypatch.setattr(cpu, "_BANDED_WEIGHTS", bands)
+    layers = [nn.Linear(512, n, bias=b) for n, b in ((700, True), (50, False), (90, True))]
+    for layer in layers:
+        if "bias" in layer:
+            layer.bias = mx.random.normal(layer.bias.shape, key=mx.random.key(layer.bias.shape[0]))
+    holder = nn.Sequential(*layers)
+    quantize(holder, 64, bits, lambda _, m: isinstance(m, nn.Linear))
+    layers = tuple(holder.layers)
+    x = mx.random.normal((*rows, 512), key=mx.random.key(9)) * 3
+    assert cpu.stacked_codes(x, layers)
+    for got, layer in zip(cpu.quantized_stack(x, layers), layers):
+        want = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, 64, bits).T
+        want = want + layer.bias if "bias" in layer else want
+        assert got.shape == want.shape == (*rows, layer.weight.shape[0])
+        assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+        alone = layer(x)  # the layer's own call: one matrix through the same kernels
+        assert mx.abs(got - alone).max().item() <= 1e-6 * mx.abs(want).max().item()
+    # not a stack: more rows than a decode step, codes packed differently, a float layer
+    assert not cpu.stacked_codes(mx.zeros((1, cpu.DECODE_ROWS + 1, 512)), layers)
+    other = nn.Sequential(nn.Linear(512, 64), nn.Linear(512, 64), nn.Linear(512, 64))
+    quantize(other, 32, bits, lambda path, m: path != "layers.2")
+    assert not cpu.stacked_codes(x, (layers[0], other.layers[0]))  # group size 32 against 64
+    assert not cpu.stacked_codes(x, tuple(other.layers))  # the last one in float
+    three = nn.Sequential(nn.Linear(512, 64))
+    quantize(three, 64, 3, lambda _, m: True)
+    assert not cpu.stacked_codes(x, (three.layers[0],))  # 3-bit codes straddle words
+
+
+def _tiny_qwen2():
+    """A small Qwen2's arguments: 4 query heads of 64 on 2 key heads, as the decoder's layout."""
+    from mlx_lm.models import qwen2
+
+    return qwen2.ModelArgs(model_type="qwen2", hidden_size=256, num_hidden_layers=1, intermediate_size=512,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=64,
+                           rope_theta=1e6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decoder_layer_stacks_match_each_layer(banded, bits):
+    """A quantized decoder's attention inputs and MLP in a decode step (q, k, v and gate,
+    up as stacks) against the same layers called one by one, as mlx-lm calls them."""
+    from mlx_lm.models import qwen2
+
+    from fastvlm_mlx.fastvlm import MLP, Attention, quantize
+
+    attn, mlp = Attention(_tiny_qwen2()), MLP(256, 4096)  # gate and up large enough for bands
+    for module in (attn, mlp):
+        quantize(module, 64, bits, lambda _, m: hasattr(m, "to_quantized"))
+        mx.eval(module.parameters())
+    for shape in ((1, 1, 256), (3, 1, 256)):
+        x = mx.random.normal(shape, key=mx.random.key(5)) * 3
+        assert cpu.stacked_codes(x, (mlp.gate_proj, mlp.up_proj))
+        want = qwen2.MLP.__call__(mlp, x)
+        assert mx.abs(cpu.mlp(x, mlp) - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+        for mine, theirs in zip(cpu.attention_inputs(x, attn, 40), portable.attention_inputs(x, attn, 40)):
+            assert mx.abs(mine - theirs).max().item() <= 2e-5 * mx.abs(theirs).max().item()
+
+
 def _rotary_reference(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
     """Rotate-half RoPE over [L, heads, d], the angles in float32 as transformers' Qwen2
     computes them (the reference), everything else in float64."""
@@ -207,14 +276,9 @@ def _rotary_reference(x: np.ndarray, positions: np.ndarray, base: float) -> np.n
 
 @pytest.mark.parametrize("length,offset", [(40, 0), (300, 60), (7, 3), (1, 90)])  # prefills, a short turn, decode
 def test_attention_inputs_match_the_reference_rotation(banded, length, offset):
-    from mlx_lm.models import qwen2
-
     from fastvlm_mlx.fastvlm import Attention
 
-    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=256, num_hidden_layers=1, intermediate_size=512,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=64,
-                           rope_theta=1e6)
-    attn = Attention(args)
+    attn = Attention(_tiny_qwen2())
     mx.eval(attn.parameters())
     x = mx.random.normal((1, length, 256), key=mx.random.key(4))
     got = cpu.attention_inputs(x, attn, offset)
