@@ -173,9 +173,11 @@ def test_pointwise_ffn_matches_the_portable_one(banded):
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 64), (4, 128), (6, 32), (8, 32), (8, 64)])
 @pytest.mark.parametrize("rows", [(1, 1), (3,), (2, 2), (1, 40)])  # decode, batched decode, prefill
-def test_quantized_matmul_matches_mlx(banded, bits, group_size, rows):
+def test_quantized_matmul_matches_mlx(banded, monkeypatch, bits, group_size, rows):
     """Both CPU paths (codes multiplied in place, dequantized into BLAS) against the
-    product with MLX's own dequantized matrix, on one large enough to be split into bands."""
+    product with MLX's own dequantized matrix, on one large enough to be split into bands
+    (and a prefill's dequantized matrix into blocks, the last one short)."""
+    monkeypatch.setattr(cpu, "_DEQUANT_BLOCK", 3000 * 512)
     outputs = 2 * cpu._BANDED_WEIGHTS // 512 + 40
     w = mx.random.normal((outputs, 512), key=mx.random.key(bits * group_size))
     q, scales, biases = mx.quantize(w, group_size, bits)
